@@ -1,0 +1,252 @@
+"""Pallas (Triton GPU) kernel for ``y = x @ W`` with W in the compressed V:N:M layout.
+
+Raw arrays only (no Flax); the layout is the one of ``vnm_jax.format.VNMWeight``:
+for K inputs, M inputs per group, G = ceil(K/M) groups, R row blocks of V outputs and
+H = V // 2,
+
+- ``values``  (R, 2, G, V): the two kept values of every output row in every group,
+- ``meta``    (R, G, H) uint8: their 2-bit positions among the group's 4 kept
+  columns, ``pos0 | pos1 << 2``; low nibble row h, high nibble row h + H,
+- ``columns`` (R, 4, G) int32: absolute input index (into x zero-padded to G*M
+  features) of each of the 4 kept columns of a group,
+
+and ``y_blocks[:, r*V:(r+1)*V] = sum_p x_pad[:, columns[r, p]] @ W_p[r]`` with
+``W_p[r][g, v] = values[r, s, g, v]`` where ``pos_s[r, g, v] == p`` (else 0).
+The outputs are in the row blocks' order, (T, R*V); undoing an output permutation
+and cropping to N is the caller's business.
+
+The kernel: grid (K splits, token tiles, row blocks). A step loops over its share
+of the groups, ``block_groups`` at a time: it reads x's gathered columns by the
+stored indices (x is passed transposed so that each gathered input feature is a
+contiguous row of tokens), expands the condensed weight of each of the 4 slots
+from the 2 stored values and their positions, and accumulates 4 dots in float32.
+It reads 2/M of the dense weight's values (+ 1 byte of positions per 2 rows per
+group) instead of the 4/M a layout with the 2:4 zeros materialised would read.
+
+What it keeps to, so that the Triton lowering takes it: power-of-2 block shapes for
+every loaded value, gathers by indexing a ref with an int array in its leading
+position (as jax's GPU paged attention does), no scalar prefetch, no ``pl.load``.
+Groups past G in the last step are read at a clamped index and weighted 0, so
+nothing is padded on the weight side; tokens are padded in the wrapper.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+KEPT_COLUMNS = 4
+# Triton's dot needs every dimension >= 16; each half of a row block (H = V/2
+# outputs) is one dot's output width, so V >= 32.
+MIN_DOT_SIZE = 16
+MIN_V = 2 * MIN_DOT_SIZE
+# Enough programs to fill the SMs of a current GPU (132 on an H100) a few times over.
+TARGET_PROGRAMS = 512
+
+
+def _is_power_of_2(n: int) -> bool:
+  return n >= 1 and n & (n - 1) == 0
+
+
+def _next_power_of_2(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
+
+
+def unsupported_reason(v: int, dtype) -> str | None:
+  """Why the kernel cannot take a row-block size V and dtype, or None if it can."""
+  if jnp.dtype(dtype) not in [jnp.dtype(d) for d in SUPPORTED_DTYPES]:
+    return f"dtype {jnp.dtype(dtype).name} is not one of float32, bfloat16, float16"
+  if not _is_power_of_2(v) or v < MIN_V:
+    return (f"V={v} is not a power of 2 >= {MIN_V} (the Triton lowering needs power-of-2 "
+            f"tiles and dots of width V/2 >= {MIN_DOT_SIZE})")
+  return None
+
+
+def _vnm_kernel(xt_ref, values_ref, meta_ref, columns_ref, out_ref, *, groups: int,
+                block_groups: int, steps_per_split: int):
+  """One (K split, token tile, row block) program.
+
+  Refs (leading block axes squeezed):
+    xt_ref: (Kx, BT) x transposed, every input feature of this token tile.
+    values_ref: (2, G, V); meta_ref: (G, H) uint8; columns_ref: (4, G) int32.
+    out_ref: (BT, V) partial sums of this K split (or the output when unsplit).
+  """
+  half = meta_ref.shape[-1]
+  block_tokens = xt_ref.shape[-1]
+  first_step = pl.program_id(0) * steps_per_split
+
+  def step(i, accumulators):
+    acc_low, acc_high = accumulators
+    start = (first_step + i) * block_groups
+    group_ids = start + lax.broadcasted_iota(jnp.int32, (block_groups,), 0)
+    in_range = group_ids < groups
+    # Past the last group: read group G-1 again (in bounds) and weight it 0.
+    group_ids = jnp.minimum(group_ids, groups - 1)
+    nibbles = meta_ref[group_ids, :].astype(jnp.int32)  # (BG, H)
+    positions = {"low": (nibbles & 3, (nibbles >> 2) & 3),
+                 "high": ((nibbles >> 4) & 3, (nibbles >> 6) & 3)}
+    stored = {}
+    for name, rows in (("low", pl.ds(0, half)), ("high", pl.ds(half, half))):
+      stored[name] = tuple(
+          jnp.where(in_range[:, None], values_ref[s, group_ids, rows], 0) for s in range(2))
+    for slot in range(KEPT_COLUMNS):
+      gathered = xt_ref[columns_ref[slot, group_ids], :]  # (BG, BT)
+      for name in ("low", "high"):
+        pos0, pos1 = positions[name]
+        first, second = stored[name]
+        weight = jnp.where(pos0 == slot, first, jnp.where(pos1 == slot, second, 0))
+        product = lax.dot_general(gathered, weight, (((0,), (0,)), ((), ())),
+                                  preferred_element_type=jnp.float32)  # (BT, H)
+        if name == "low":
+          acc_low = acc_low + product
+        else:
+          acc_high = acc_high + product
+    return acc_low, acc_high
+
+  zeros = jnp.zeros((block_tokens, half), jnp.float32)
+  acc_low, acc_high = lax.fori_loop(0, steps_per_split, step, (zeros, zeros))
+  out_ref[:, pl.ds(0, half)] = acc_low.astype(out_ref.dtype)
+  out_ref[:, pl.ds(half, half)] = acc_high.astype(out_ref.dtype)
+
+
+def _check_block(name: str, value: int | None, *, minimum: int) -> None:
+  if value is not None and (not isinstance(value, int) or not _is_power_of_2(value)
+                            or value < minimum):
+    raise ValueError(f"{name} must be a power of 2 >= {minimum} or None, got {value!r}.")
+
+
+def validate_inputs(x, values, meta, columns, m: int) -> None:
+  """Raises ValueError/TypeError naming the argument if the arrays do not fit the layout."""
+  if x.ndim != 2:
+    raise ValueError(f"x must be 2D (tokens, in_features), got shape {x.shape}.")
+  if values.ndim != 4 or values.shape[1] != 2:
+    raise ValueError(f"values must have shape (R, 2, G, V), got {values.shape}.")
+  r, _, g, v = values.shape
+  if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in SUPPORTED_DTYPES]:
+    raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}.")
+  if values.dtype != x.dtype:
+    raise TypeError(f"values must have x's dtype {x.dtype}, got {values.dtype}.")
+  if meta.shape != (r, g, -(-v // 2)) or meta.dtype != jnp.uint8:
+    raise ValueError(f"meta must be uint8 of shape {(r, g, -(-v // 2))}, got {meta.dtype} "
+                     f"{meta.shape}.")
+  if columns.shape != (r, KEPT_COLUMNS, g) or columns.dtype != jnp.int32:
+    raise ValueError(f"columns must be int32 of shape {(r, KEPT_COLUMNS, g)}, got "
+                     f"{columns.dtype} {columns.shape}.")
+  if not isinstance(m, int) or m < KEPT_COLUMNS:
+    raise ValueError(f"m must be an int >= {KEPT_COLUMNS}, got {m!r}.")
+  if x.shape[1] > g * m:
+    raise ValueError(f"x has {x.shape[1]} features but the weight covers G*M = {g}*{m} = "
+                     f"{g * m}.")
+
+
+def choose_blocks(tokens: int, groups: int, row_blocks: int, *, block_tokens: int | None = None,
+                  block_groups: int | None = None, k_splits: int | None = None
+                  ) -> tuple[int, int, int]:
+  """Default (block_tokens, block_groups, k_splits) for a problem; given values are kept.
+
+  Token tiles of up to 128 rows (16 at least: Triton's smallest dot), 32 groups
+  (128 gathered input features) per step, and the group loop split across
+  programs when tiles x row blocks alone would leave the GPU idle (decode shapes).
+  """
+  if block_tokens is None:
+    block_tokens = min(128, max(MIN_DOT_SIZE, _next_power_of_2(tokens)))
+  if block_groups is None:
+    block_groups = 32
+  if k_splits is None:
+    programs = -(-tokens // block_tokens) * row_blocks
+    steps = -(-groups // block_groups)
+    k_splits = max(1, min(steps, TARGET_PROGRAMS // max(programs, 1)))
+  return block_tokens, block_groups, k_splits
+
+
+@functools.partial(jax.jit, static_argnames=("m", "block_tokens", "block_groups", "k_splits",
+                                             "num_warps", "num_stages", "interpret"))
+def vnm_matmul_pallas(x: jax.Array, values: jax.Array, meta: jax.Array, columns: jax.Array, *,
+                      m: int, block_tokens: int | None = None, block_groups: int | None = None,
+                      k_splits: int | None = None, num_warps: int | None = None,
+                      num_stages: int | None = None, interpret: bool = False) -> jax.Array:
+  """``y_blocks = x @ W`` for W in the compressed layout (module docstring), as a Pallas kernel.
+
+  Args:
+    x: (T, K) float32, bfloat16 or float16, K <= G*M.
+    values: (R, 2, G, V), x's dtype; V a power of 2 >= 32.
+    meta: (R, G, V//2) uint8.
+    columns: (R, 4, G) int32, each in [0, G*M).
+    m: M of the config (the zero-padded width of x is G*M).
+    block_tokens: tokens per program (power of 2 >= 16); default from T.
+    block_groups: M-groups per loop step (power of 2 >= 16); default 32.
+    k_splits: programs that share one output tile's groups (their float32 partial
+      sums are added by XLA); default: enough programs to fill the GPU.
+    num_warps, num_stages: Triton compiler parameters (None: Pallas's defaults).
+    interpret: run the kernel in the Pallas interpreter (CPU).
+
+  Returns:
+    (T, R*V) in x's dtype, outputs in row-block order; float32 accumulation.
+  """
+  validate_inputs(x, values, meta, columns, m)
+  reason = unsupported_reason(values.shape[-1], x.dtype)
+  if reason is not None:
+    raise ValueError(f"vnm_matmul_pallas cannot take this weight: {reason}.")
+  _check_block("block_tokens", block_tokens, minimum=MIN_DOT_SIZE)
+  _check_block("block_groups", block_groups, minimum=MIN_DOT_SIZE)
+  if k_splits is not None and (not isinstance(k_splits, int) or k_splits < 1):
+    raise ValueError(f"k_splits must be a positive int or None, got {k_splits!r}.")
+  tokens, features = x.shape
+  row_blocks, _, groups, v = values.shape
+  block_tokens, block_groups, k_splits = choose_blocks(
+      tokens, groups, row_blocks, block_tokens=block_tokens, block_groups=block_groups,
+      k_splits=k_splits)
+  steps = -(-groups // block_groups)
+  k_splits = min(k_splits, steps)
+  steps_per_split = -(-steps // k_splits)
+
+  padded_tokens = -(-tokens // block_tokens) * block_tokens
+  xt = jnp.pad(x, ((0, padded_tokens - tokens), (0, groups * m - features))).T
+  split = k_splits > 1
+  out_dtype = jnp.float32 if split else x.dtype
+  kernel = functools.partial(_vnm_kernel, groups=groups, block_groups=block_groups,
+                             steps_per_split=steps_per_split)
+  out = pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((k_splits, padded_tokens, row_blocks * v), out_dtype),
+      grid=(k_splits, padded_tokens // block_tokens, row_blocks),
+      in_specs=[
+          pl.BlockSpec((groups * m, block_tokens), lambda s, i, r: (0, i)),
+          pl.BlockSpec((None, 2, groups, v), lambda s, i, r: (r, 0, 0, 0)),
+          pl.BlockSpec((None, groups, v // 2), lambda s, i, r: (r, 0, 0)),
+          pl.BlockSpec((None, KEPT_COLUMNS, groups), lambda s, i, r: (r, 0, 0)),
+      ],
+      out_specs=pl.BlockSpec((None, block_tokens, v), lambda s, i, r: (s, i, r)),
+      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret,
+      name="vnm_matmul",
+  )(xt, values, meta, columns)
+  out = out.sum(axis=0).astype(x.dtype) if split else out[0]
+  return out[:tokens]
+
+
+def vnm_matmul_reference(x: jax.Array, values: jax.Array, meta: jax.Array, columns: jax.Array,
+                         *, m: int) -> jax.Array:
+  """Pure-jnp dense math for :func:`vnm_matmul_pallas`: scatter W to dense, then one matmul.
+
+  Returns (T, R*V) in x's dtype, computed in float32 at highest precision.
+  """
+  validate_inputs(x, values, meta, columns, m)
+  row_blocks, _, groups, v = values.shape
+  nibbles = jnp.concatenate([meta & 15, meta >> 4], axis=-1)[..., :v].astype(jnp.int32)
+  positions = jnp.stack([nibbles & 3, nibbles >> 2], axis=1)  # (R, 2, G, V)
+  inputs = jnp.take_along_axis(columns[:, None, :, :, None],  # (R, 1, 4, G, 1)
+                               positions[:, :, None], axis=2)[:, :, 0]  # (R, 2, G, V)
+  outputs = jnp.broadcast_to(jnp.arange(row_blocks * v).reshape(row_blocks, 1, 1, v),
+                             inputs.shape)
+  dense = jnp.zeros((groups * m, row_blocks * v), jnp.float32)
+  dense = dense.at[inputs, outputs].add(values.astype(jnp.float32))
+  x_pad = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, groups * m - x.shape[1])))
+  return jnp.dot(x_pad, dense, precision=lax.Precision.HIGHEST).astype(x.dtype)

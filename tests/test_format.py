@@ -1,0 +1,104 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import vnm_reference as ref
+from vnm_jax import Permutation, VNMConfig, VNMWeight, compress, decompress, vnm_mask
+
+
+def numpy_decompress(w: VNMWeight) -> np.ndarray:
+  """Reads the stored layout element by element, as the format docstring defines it."""
+  values, meta, columns = (np.asarray(w.values), np.asarray(w.meta), np.asarray(w.columns))
+  r_blocks, _, groups, v = values.shape
+  half = -(-v // 2)
+  dense = np.zeros((groups * w.config.m, r_blocks * v), values.dtype)
+  for r in range(r_blocks):
+    for g in range(groups):
+      for row in range(v):
+        byte = int(meta[r, g, row % half])
+        nibble = byte & 0xF if row < half else byte >> 4
+        for s, position in enumerate((nibble & 3, nibble >> 2)):
+          dense[columns[r, position, g], r * v + row] = values[r, s, g, row]
+  dense = dense[:w.shape[0], :w.shape[1]]
+  if w.output_index is not None:
+    dense = dense[:, np.asarray(w.output_index)]
+  return dense
+
+
+@pytest.mark.parametrize("shape, config", [((196, 192), "64:2:5"), ((100, 130), "32:2:7"),
+                                           ((64, 48), "2:4"), ((33, 7), "3:2:8"),
+                                           ((20, 9), "1:2:4")])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_round_trip_is_exact(shape, config, dtype):
+  kernel = jax.random.normal(jax.random.key(0), shape).astype(dtype)
+  mask = vnm_mask(kernel, config)
+  w = compress(kernel, config)
+  assert w.values.dtype == dtype and w.shape == shape
+  np.testing.assert_array_equal(np.asarray(decompress(w)), np.asarray(kernel * mask))
+  if dtype == jnp.float32:
+    np.testing.assert_array_equal(numpy_decompress(w), np.asarray(kernel * mask))
+
+
+def test_layout_shapes_and_meta_values():
+  w = compress(jax.random.normal(jax.random.key(1), (100, 130)), "32:2:7")
+  r, g, half = 5, 15, 16
+  assert w.values.shape == (r, 2, g, 32) and w.meta.shape == (r, g, half)
+  assert w.columns.shape == (r, 4, g) and w.meta.dtype == jnp.uint8
+  nibbles = np.concatenate([np.asarray(w.meta) & 15, np.asarray(w.meta) >> 4], axis=-1)
+  assert np.all((nibbles & 3) < (nibbles >> 2))  # pos0 < pos1
+  columns = np.asarray(w.columns)
+  assert np.all(np.diff(columns, axis=1) > 0)  # slots in increasing column order
+  group_of_column = columns // 7
+  np.testing.assert_array_equal(group_of_column, np.arange(g)[None, None, :].repeat(4, 1)
+                                .repeat(r, 0))
+
+
+def test_given_mask_and_permutation_fold_into_columns():
+  rng = np.random.default_rng(2)
+  kernel = jnp.asarray(rng.standard_normal((60, 70)), jnp.float32)
+  perm = Permutation(rng.permutation(60), rng.permutation(70))
+  mask = vnm_mask(kernel, "16:2:6", permutation=perm)
+  w = compress(kernel, "16:2:6", mask=mask, permutation=perm)
+  np.testing.assert_array_equal(np.asarray(decompress(w)), np.asarray(kernel * mask))
+  np.testing.assert_array_equal(numpy_decompress(w), np.asarray(kernel * mask))
+  np.testing.assert_array_equal(np.asarray(w.output_index), np.argsort(perm.outputs))
+  # Columns are absolute (original) input indices: those of block 0, group 0 are inputs[0:6].
+  assert set(np.asarray(w.columns)[0, :, 0]) <= set(perm.inputs[:6])
+
+
+def test_sparser_mask_compresses_too():
+  kernel = jnp.ones((16, 8))
+  mask = np.zeros((16, 8), bool)
+  mask[3, 2] = True
+  w = compress(kernel, "8:2:8", mask=mask)
+  np.testing.assert_array_equal(np.asarray(decompress(w)), mask.astype(np.float32))
+
+
+def test_memory_at_64_2_8_bf16_within_target():
+  w = compress(jax.random.normal(jax.random.key(3), (1024, 1024)).astype(jnp.bfloat16), "64:2:8")
+  assert w.nbytes <= 0.3 * w.dense_nbytes
+  assert w.dense_nbytes == 1024 * 1024 * 2
+
+
+def test_is_a_pytree_with_static_shape_and_config():
+  w = compress(jnp.ones((16, 16)), "8:2:8")
+  leaves, treedef = jax.tree.flatten(w)
+  assert len(leaves) == 3  # values, meta, columns (output_index is None)
+  rebuilt = jax.tree.unflatten(treedef, leaves)
+  assert rebuilt.config == VNMConfig(8, 2, 8) and rebuilt.shape == (16, 16)
+  doubled = jax.jit(lambda w: jax.tree.map(lambda x: x, w))(w)
+  np.testing.assert_array_equal(np.asarray(decompress(doubled)), np.asarray(decompress(w)))
+
+
+def test_compress_errors():
+  with pytest.raises(ValueError, match="mask is not 8:2:8"):
+    compress(jnp.ones((16, 8)), "8:2:8", mask=np.ones((16, 8), bool))
+  with pytest.raises(ValueError, match=r"mask must have the kernel's shape \(16, 8\)"):
+    compress(jnp.ones((16, 8)), "8:2:8", mask=np.ones((8, 8), bool))
+  with pytest.raises(ValueError, match="2D kernel"):
+    compress(jnp.ones((4, 4, 4)), "8:2:8")
+  with pytest.raises(ValueError, match="rule must be one of"):
+    compress(jnp.ones((16, 8)), "8:2:8", rule="best")
+  with pytest.raises(ValueError, match="n must be 2"):
+    compress(jnp.ones((16, 8)), "8:4:8")

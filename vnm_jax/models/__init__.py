@@ -1,0 +1,1 @@
+"""Model definitions in Flax NNX: `vit` (DeiT-style ViT) and `llama` (Llama-architecture LM)."""

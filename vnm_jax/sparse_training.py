@@ -1,0 +1,343 @@
+"""Sparse training as optax transformations: fixed-mask fine-tuning and SR-STE.
+
+Both transformations wrap any inner optax optimizer and keep the V:N:M masks in
+their own state (a field named ``masks``), so the masks are checkpointed with the
+optimizer state and nothing has to be called by hand after an update.
+
+Masks and per-leaf sparsity are described by trees with the params' structure:
+a ``masks`` tree holds a bool array of the leaf's shape (True = kept) at every
+sparse leaf and None at dense leaves; a ``configs`` tree holds a
+:class:`~vnm_jax.config.VNMConfig` at every sparse leaf and None at dense leaves
+(build it with ``vnm_jax.trees``, or with ``jax.tree_util.tree_map_with_path``).
+Sparse leaves are Flax kernels (in_features, out_features); see
+:mod:`vnm_jax.masks` for the axis convention. Linen param dicts and
+``nnx.State`` work alike.
+
+Fixed mask (mask computed once, e.g. after one-shot pruning with permutation)::
+
+    tx = fixed_mask(optax.adamw(1e-4, weight_decay=0.05), masks)
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def train_step(params, opt_state, batch):
+      def loss_fn(params):
+        return loss(model.apply(sparse_params(params, opt_state), batch))
+      loss_value, grads = jax.value_and_grad(loss_fn)(params)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, loss_value
+
+After every update the pruned entries of ``params`` are exactly zero, whatever
+the inner optimizer does (Adam moments, decoupled weight decay, ...).
+
+SR-STE (dynamic mask, dense weights kept): the same train step with
+``tx = sr_ste(optax.adamw(...), configs, update_every=1)``. Inside the loss,
+``sparse_params(params, opt_state)`` gives ``W * mask`` with a straight-through
+gradient to the dense ``W``; the update adds ``decay * (1 - mask) * W`` to the
+gradient and recomputes the mask every ``update_every`` steps inside the jitted
+update. At the end, ``sparse_params(params, opt_state)`` (outside ``grad``) is
+the pruned model.
+
+To switch optimizers between stages, carry the masks over:
+``fixed_mask(new_inner, sparse_masks(old_state))``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from vnm_jax.config import VNMConfig
+from vnm_jax.masks import RULES, vnm_mask
+
+PyTree = Any
+
+NO_PARAMS_MSG = ("{name}.update needs the current params: call "
+                 "update(grads, opt_state, params).")
+
+SR_STE_DECAY = 2e-4
+
+
+class FixedMaskState(NamedTuple):
+  """State of :func:`fixed_mask`.
+
+  Attributes:
+    masks: the params' structure; a bool array of the leaf's shape (True = kept)
+      at every sparse leaf, None at dense leaves.
+    inner_state: the wrapped optimizer's state.
+  """
+
+  masks: PyTree
+  inner_state: optax.OptState
+
+
+class SRSTEState(NamedTuple):
+  """State of :func:`sr_ste`.
+
+  Attributes:
+    step: int32 scalar, updates applied so far.
+    masks: the params' structure; the bool mask (True = kept) the next forward
+      uses at every sparse leaf, None at dense leaves.
+    mask_changes: int32 scalar, how many recomputations changed at least one entry.
+    flip_rate: float32 scalar, the fraction of sparse entries whose mask bit
+      changed at the most recent recomputation.
+    inner_state: the wrapped optimizer's state.
+  """
+
+  step: jax.Array
+  masks: PyTree
+  mask_changes: jax.Array
+  flip_rate: jax.Array
+  inner_state: optax.OptState
+
+
+def _is_none(x) -> bool:
+  return x is None
+
+
+def _leaf_paths(params: PyTree) -> list[str]:
+  """Readable paths (``jax.tree_util.keystr``) of the params' leaves, in flatten order."""
+  return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+def _flatten_like(params: PyTree, tree: PyTree, name: str) -> list:
+  """The entries of ``tree`` at the positions of the params' leaves (None where dense).
+
+  Raises:
+    ValueError: ``tree`` does not have the params' structure.
+  """
+  treedef = jax.tree_util.tree_structure(params)
+  try:
+    return treedef.flatten_up_to(tree)
+  except (ValueError, TypeError) as error:
+    raise ValueError(f"{name} must have the params' structure (with None at dense leaves); "
+                     f"params are {treedef}, {name} is "
+                     f"{jax.tree_util.tree_structure(tree, is_leaf=_is_none)}: {error}") from None
+
+
+def _check_configs(configs: PyTree, params: PyTree, name: str = "configs") -> list:
+  """Flattened per-leaf VNMConfig | None, validated against the params.
+
+  Raises:
+    ValueError/TypeError naming the leaf's path when the structure differs, an
+    entry is not a VNMConfig or None, or a sparse leaf is not a 2D kernel.
+  """
+  entries = _flatten_like(params, configs, name)
+  for path, config, leaf in zip(_leaf_paths(params), entries, jax.tree_util.tree_leaves(params)):
+    if config is None:
+      continue
+    if not isinstance(config, VNMConfig):
+      raise TypeError(f"{name}{path} must be a VNMConfig or None, got {config!r}.")
+    if jnp.ndim(leaf) != 2:
+      raise ValueError(f"{name}{path} = {config} applies to a leaf of shape {jnp.shape(leaf)}; "
+                       f"sparse leaves must be 2D kernels (in_features, out_features).")
+  return entries
+
+
+def _check_masks(masks: PyTree, params: PyTree, name: str = "masks") -> list:
+  """Flattened per-leaf bool mask | None, validated against the params.
+
+  Raises:
+    ValueError/TypeError naming the leaf's path when the structure differs or a
+    mask is not a bool array of the leaf's shape.
+  """
+  entries = _flatten_like(params, masks, name)
+  for path, mask, leaf in zip(_leaf_paths(params), entries, jax.tree_util.tree_leaves(params)):
+    if mask is None:
+      continue
+    if not hasattr(mask, "dtype") or mask.dtype != jnp.bool_:
+      raise TypeError(f"{name}{path} must be a bool array (True = kept), got "
+                      f"{getattr(mask, 'dtype', type(mask).__name__)}.")
+    if mask.shape != jnp.shape(leaf):
+      raise ValueError(f"{name}{path} has shape {mask.shape}, the param has shape "
+                       f"{jnp.shape(leaf)}.")
+  return entries
+
+
+def _check_rule(rule: str) -> None:
+  if rule not in RULES:
+    raise ValueError(f"rule must be one of {RULES}, got {rule!r}.")
+
+
+def _check_update_every(update_every: int) -> None:
+  if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
+    raise ValueError(f"update_every must be an int >= 1 (recompute the mask every k steps), "
+                     f"got {update_every!r}.")
+
+
+def _compute_masks(weights: list, configs: list, rule: str) -> list:
+  """Per-leaf V:N:M masks of |weight| (None where the config is None). Jittable."""
+  return [None if config is None else vnm_mask(w, config, rule=rule)
+          for w, config in zip(weights, configs)]
+
+
+def _mask_change(old: list, new: list) -> tuple[jax.Array, jax.Array]:
+  """(any entry changed: bool scalar, fraction of sparse entries changed: float32)."""
+  pairs = [(o, n) for o, n in zip(old, new) if n is not None]
+  if not pairs:
+    return jnp.bool_(False), jnp.float32(0.0)
+  flips = sum(jnp.sum(o != n, dtype=jnp.int32).astype(jnp.float32) for o, n in pairs)
+  total = sum(n.size for _, n in pairs)
+  return flips > 0, flips / total
+
+
+def _find_state(opt_state: PyTree, types: tuple[type, ...], caller: str):
+  """The single state of one of ``types`` inside an optax state (a chain's tuple, ...)."""
+  found = [s for s in jax.tree_util.tree_leaves(opt_state,
+                                                is_leaf=lambda x: isinstance(x, types))
+           if isinstance(s, types)]
+  names = " or ".join(t.__name__ for t in types)
+  if len(found) != 1:
+    raise ValueError(f"{caller} needs an optimizer state holding exactly one {names}, found "
+                     f"{len(found)} in {type(opt_state).__name__}; pass the state of the "
+                     f"transformation that owns the masks.")
+  return found[0]
+
+
+def sparse_masks(opt_state: PyTree) -> PyTree:
+  """The masks tree (params' structure, None where dense) of a fixed-mask or SR-STE state.
+
+  ``opt_state`` may be the state of a chain or wrapper that contains exactly one
+  :class:`FixedMaskState` or :class:`SRSTEState`.
+  """
+  return _find_state(opt_state, (FixedMaskState, SRSTEState), "sparse_masks").masks
+
+
+def sparse_params(params: PyTree, opt_state: PyTree) -> PyTree:
+  """The params the forward pass uses: ``W * mask`` at sparse leaves, W elsewhere.
+
+  The gradient is straight-through: d loss / d W equals d loss / d (W * mask) at
+  every entry, pruned ones included, which SR-STE needs (the fixed-mask
+  transformation discards the gradient of pruned entries anyway). Pruned entries
+  are exactly 0 in the result. Use it inside the loss for SR-STE, and outside
+  ``grad`` to get the pruned model.
+
+  Args:
+    params: the dense params (any structure: linen dict, nnx.State, ...).
+    opt_state: a state containing one :class:`FixedMaskState` or :class:`SRSTEState`.
+  """
+  masks = _check_masks(sparse_masks(opt_state), params)
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  forward = [w if m is None else w + jax.lax.stop_gradient(jnp.where(m, w, 0) - w)
+             for w, m in zip(leaves, masks)]
+  return treedef.unflatten(forward)
+
+
+def fixed_mask(inner: optax.GradientTransformation,
+               masks: PyTree | Callable[[PyTree], PyTree]) -> optax.GradientTransformationExtraArgs:
+  """Trains with a fixed V:N:M mask: pruned entries stay exactly zero after every step.
+
+  The gradient of pruned entries is zeroed before ``inner`` (so moments and norms
+  see only the kept weights), and after ``inner`` the update is rewritten so that
+  ``params + update`` is exactly 0 at every pruned entry (kept entries get
+  ``inner``'s update unchanged). Weight decay or momentum inside ``inner`` cannot
+  revive a pruned weight, and params that were not yet pruned are pruned by the
+  first update. Use it as the outermost transformation (after everything that
+  changes the update), and apply the updates with ``optax.apply_updates``.
+
+  Args:
+    inner: any optax optimizer, e.g. ``optax.adamw(1e-4, weight_decay=0.05)``.
+    masks: the masks tree (params' structure; bool arrays, True = kept, at sparse
+      leaves; None at dense ones), or a function ``params -> masks`` called by
+      ``init`` (e.g. ``lambda p: vnm_jax.trees.tree_masks(p, config)``). The masks
+      are copied into the state (:class:`FixedMaskState`), so they are saved with
+      it and :func:`sparse_masks` recovers them for the next optimizer.
+
+  Returns:
+    A GradientTransformationExtraArgs; ``update`` requires ``params``.
+  """
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params):
+    tree = masks(params) if callable(masks) else masks
+    entries = _check_masks(tree, params)
+    return FixedMaskState(masks=jax.tree_util.tree_structure(params).unflatten(entries),
+                          inner_state=inner.init(params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError(NO_PARAMS_MSG.format(name="fixed_mask"))
+    mask_leaves = _check_masks(state.masks, params)
+    param_leaves, treedef = jax.tree_util.tree_flatten(params)
+    grads = treedef.unflatten([
+        g if m is None else jnp.where(m, g, jnp.zeros((), g.dtype))
+        for g, m in zip(treedef.flatten_up_to(updates), mask_leaves)])
+    updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
+    constrained = [u if m is None else jnp.where(m, u, -p.astype(u.dtype))
+                   for u, m, p in zip(treedef.flatten_up_to(updates), mask_leaves, param_leaves)]
+    return treedef.unflatten(constrained), FixedMaskState(state.masks, inner_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def sr_ste(inner: optax.GradientTransformation, configs: PyTree, *,
+           decay: float = SR_STE_DECAY, update_every: int = 1,
+           rule: str = "column_l1") -> optax.GradientTransformationExtraArgs:
+  """SR-STE dynamic sparse training (sparse-refined straight-through estimator).
+
+  The dense weights W are trained. The forward uses ``W * mask`` through
+  :func:`sparse_params` (straight-through gradient). Each update adds the
+  sparse-refined term ``decay * (1 - mask) * W`` to the gradient of every sparse
+  leaf (``mask`` is the one the forward used), runs ``inner``, and every
+  ``update_every`` steps recomputes the masks from the updated weights
+  ``|W + update|`` with :func:`~vnm_jax.masks.vnm_mask`, inside the jitted update.
+  Use it as the outermost transformation.
+
+  Args:
+    inner: any optax optimizer.
+    configs: the params' structure with a VNMConfig at every sparse 2D kernel and
+      None elsewhere.
+    decay: lambda of the sparse-refined term (2e-4 in SR-STE), >= 0.
+    update_every: k, recompute the masks after every k-th update (1 = every step).
+    rule: the mask rule, "column_l1" or "exhaustive" (see ``vnm_mask``).
+
+  Returns:
+    A GradientTransformationExtraArgs with state :class:`SRSTEState`; ``init``
+    computes the first masks from the initial params; ``update`` requires ``params``.
+  """
+  inner = optax.with_extra_args_support(inner)
+  _check_update_every(update_every)
+  _check_rule(rule)
+  if not decay >= 0:
+    raise ValueError(f"decay must be >= 0 (lambda of the SR-STE term), got {decay!r}.")
+
+  def init_fn(params):
+    config_leaves = _check_configs(configs, params)
+    masks = _compute_masks(jax.tree_util.tree_leaves(params), config_leaves, rule)
+    return SRSTEState(step=jnp.zeros((), jnp.int32),
+                      masks=jax.tree_util.tree_structure(params).unflatten(masks),
+                      mask_changes=jnp.zeros((), jnp.int32), flip_rate=jnp.zeros((), jnp.float32),
+                      inner_state=inner.init(params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError(NO_PARAMS_MSG.format(name="sr_ste"))
+    config_leaves = _check_configs(configs, params)
+    mask_leaves = _check_masks(state.masks, params)
+    param_leaves, treedef = jax.tree_util.tree_flatten(params)
+    grads = treedef.unflatten([
+        g if m is None else g + (decay * jnp.where(m, 0, w)).astype(g.dtype)
+        for g, m, w in zip(treedef.flatten_up_to(updates), mask_leaves, param_leaves)])
+    updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
+    step = state.step + 1
+
+    def recompute():
+      new_weights = jax.tree_util.tree_leaves(optax.apply_updates(params, updates))
+      new_masks = _compute_masks(new_weights, config_leaves, rule)
+      changed, flip_rate = _mask_change(mask_leaves, new_masks)
+      return new_masks, state.mask_changes + changed.astype(jnp.int32), flip_rate
+
+    def keep():
+      return mask_leaves, state.mask_changes, state.flip_rate
+
+    if update_every == 1:
+      masks, mask_changes, flip_rate = recompute()
+    else:
+      masks, mask_changes, flip_rate = jax.lax.cond(step % update_every == 0, recompute, keep)
+    return updates, SRSTEState(step=step, masks=treedef.unflatten(masks),
+                               mask_changes=mask_changes, flip_rate=flip_rate,
+                               inner_state=inner_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

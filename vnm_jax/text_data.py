@@ -1,0 +1,142 @@
+"""Real English text without downloads, and perplexity of a causal language model on it.
+
+The text is Python's own documentation: `pydoc_data.topics.topics` (about 80 help topics,
+465k characters, shipped with CPython). Topics are concatenated in sorted key order,
+separated by blank lines, tokenized in one piece; the last `EVAL_TOKENS` tokens are the
+held-out evaluation split and everything before them is the training / calibration split.
+
+Perplexity is measured on non-overlapping windows of `WINDOW` tokens: each window is one
+sequence from position 0, and every token after the first of a window is predicted
+(window - 1 predictions per window). Perplexity = exp(mean negative log-likelihood).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+EVAL_TOKENS = 20480
+WINDOW = 512
+
+
+def pydoc_topics_text() -> str:
+  """All of `pydoc_data.topics.topics`, in sorted key order, joined by blank lines."""
+  from pydoc_data.topics import topics
+
+  return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+class TokenSplit(NamedTuple):
+  """A token stream cut into a training and a held-out evaluation part.
+
+  Attributes:
+    train: int32 (n_train,), the tokens before the evaluation part.
+    eval: int32 (eval_tokens,), the last tokens of the stream.
+  """
+
+  train: np.ndarray
+  eval: np.ndarray
+
+
+def split_pydoc_topics(tokenizer, eval_tokens: int = EVAL_TOKENS) -> TokenSplit:
+  """Tokenizes `pydoc_topics_text()` and holds out its last `eval_tokens` tokens.
+
+  Args:
+    tokenizer: anything with `encode(text).ids` (a `tokenizers.Tokenizer`).
+    eval_tokens: size of the evaluation split; must leave at least one training token.
+  """
+  ids = np.asarray(tokenizer.encode(pydoc_topics_text()).ids, np.int32)
+  if isinstance(eval_tokens, bool) or not isinstance(eval_tokens, int) or \
+      not 0 < eval_tokens < ids.size:
+    raise ValueError(f"eval_tokens must be an int in [1, {ids.size - 1}] (the text has "
+                     f"{ids.size} tokens), got {eval_tokens!r}")
+  return TokenSplit(train=ids[:-eval_tokens], eval=ids[-eval_tokens:])
+
+
+def windows(tokens: np.ndarray, length: int) -> np.ndarray:
+  """Cuts a 1D token stream into non-overlapping windows, dropping the incomplete tail.
+
+  Returns:
+    (len(tokens) // length, length), same dtype.
+  """
+  tokens = np.asarray(tokens)
+  if tokens.ndim != 1:
+    raise ValueError(f"tokens must be 1D, got shape {tokens.shape}")
+  if isinstance(length, bool) or not isinstance(length, int) or not 2 <= length <= tokens.size:
+    raise ValueError(f"length must be an int in [2, {tokens.size}] (the number of tokens), "
+                     f"got {length!r}")
+  count = tokens.size // length
+  return tokens[:count * length].reshape(count, length)
+
+
+def token_nll(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+  """Negative log-likelihood of each next token.
+
+  Args:
+    logits: (batch, length, vocab) next-token logits of `tokens`.
+    tokens: int (batch, length).
+
+  Returns:
+    float32 (batch, length - 1): nll[:, t] = -log p(tokens[:, t + 1] | tokens[:, :t + 1]).
+  """
+  log_probs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+  return -jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)[..., 0]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _window_nll_sum(graphdef, state, tokens, weights):
+  model = nnx.merge(graphdef, state)
+  return jnp.sum(token_nll(model(tokens), tokens).sum(axis=1) * weights)
+
+
+class Perplexity(NamedTuple):
+  """Result of `evaluate_perplexity`.
+
+  Attributes:
+    mean_nll: mean negative log-likelihood per predicted token (nats).
+    perplexity: exp(mean_nll).
+    predictions: number of predicted tokens averaged over.
+  """
+
+  mean_nll: float
+  perplexity: float
+  predictions: int
+
+
+def evaluate_perplexity(model: nnx.Module, tokens: np.ndarray, *, window: int = WINDOW,
+                        batch_size: int = 2, progress: bool = True) -> Perplexity:
+  """Perplexity of a causal LM on non-overlapping windows of a token stream.
+
+  One jitted program scores `batch_size` windows at a time (the last batch is padded with
+  zero-weight copies so it compiles once).
+
+  Args:
+    model: maps int (batch, window) tokens to (batch, window, vocab) logits.
+    tokens: 1D int token stream; the tail shorter than a window is dropped.
+    window: tokens per window.
+    batch_size: windows per call (memory: batch_size * window * vocab float32 logits).
+    progress: show a progress bar.
+  """
+  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+  cut = windows(tokens, window)
+  graphdef, state = nnx.split(model)
+  total = 0.0
+  for start in tqdm(range(0, len(cut), batch_size), desc="perplexity", disable=not progress,
+                    leave=False):
+    batch = cut[start:start + batch_size]
+    weights = np.zeros(batch_size, np.float32)
+    weights[:len(batch)] = 1.0
+    batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - len(batch), axis=0)])
+    total += float(_window_nll_sum(graphdef, state, jnp.asarray(batch, jnp.int32),
+                                   jnp.asarray(weights)))
+  predictions = len(cut) * (window - 1)
+  mean_nll = total / predictions
+  return Perplexity(mean_nll=mean_nll, perplexity=math.exp(mean_nll), predictions=predictions)

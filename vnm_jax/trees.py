@@ -1,0 +1,445 @@
+"""V:N:M masks over a whole model's parameters: a Flax linen param dict or an ``nnx.State``.
+
+Leaves are named by path strings: the tree path's keys joined by "/", e.g.
+``"params/Dense_0/kernel"`` in a linen ``variables`` dict, ``"Dense_0/kernel"`` in
+``variables["params"]`` and ``"layers/0/kernel"`` in ``nnx.state(model)`` (the trailing
+``.value`` of an nnx Variable is not part of the name, so a State of Variables and
+its pure form name leaves alike). Filters and per-path patterns see these strings and
+use ``re.search`` (match anywhere; anchor with ^ and $ for exact names).
+
+Per-path inputs (``scores``, ``input_norms``, ``permutations``) may be a tree of the
+params' structure or a flat dict keyed by path string; they are matched to leaves by
+path, with or without the leading linen collection name ``params/``.
+
+Results (:func:`tree_configs`, :func:`tree_masks`) have the params' structure with
+``None`` where a leaf stays dense. JAX treats ``None`` as an empty subtree, so map
+over such a tree with the results first and ``is_leaf=lambda x: x is None``::
+
+  jax.tree.map(lambda m, p: p if m is None else p * m, masks, params,
+               is_leaf=lambda x: x is None)
+
+or use :func:`tree_apply_masks`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vnm_jax.config import VNMConfig
+from vnm_jax.masks import RULES, Rule, as_matrix, from_matrix, vnm_mask
+from vnm_jax.permutation import Permutation
+from vnm_jax.scores import Importance, importance_scores
+
+PathFilter = str | Callable[[str, Any], bool]
+ScoreFn = Callable[[jax.Array, "jax.Array | None"], jax.Array]
+
+# Paths the default filter keeps dense: token/position embeddings, normalization
+# layers, output heads (head, lm_head, *_head) and classifiers. Case-insensitive.
+DEFAULT_DENSE_PATTERN = r"(?i)embed|norm|classifier|(^|[/_.])head([/_.\d]|$)"
+_DEFAULT_DENSE = re.compile(DEFAULT_DENSE_PATTERN)
+
+_LINEN_PARAMS_PREFIX = "params/"
+
+
+def path_str(path: Sequence[Any]) -> str:
+  """A tree path (``jax.tree_util`` keys) as a "/"-joined string.
+
+  Handles DictKey (linen dicts, nnx.State), SequenceKey, GetAttrKey and
+  FlattenedIndexKey; the trailing ``value`` attribute of an nnx Variable is dropped.
+  """
+  keys = list(path)
+  if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
+    keys = keys[:-1]
+  parts = []
+  for key in keys:
+    if isinstance(key, jax.tree_util.DictKey):
+      parts.append(str(key.key))
+    elif isinstance(key, jax.tree_util.SequenceKey):
+      parts.append(str(key.idx))
+    elif isinstance(key, jax.tree_util.GetAttrKey):
+      parts.append(key.name)
+    elif isinstance(key, jax.tree_util.FlattenedIndexKey):
+      parts.append(str(key.key))
+    else:
+      parts.append(str(key))
+  return "/".join(parts)
+
+
+def _canonical(path: str) -> str:
+  return path[len(_LINEN_PARAMS_PREFIX):] if path.startswith(_LINEN_PARAMS_PREFIX) else path
+
+
+def _shape(leaf) -> tuple[int, ...] | None:
+  shape = getattr(leaf, "shape", None)
+  return None if shape is None else tuple(shape)
+
+
+def default_filter(path: str, leaf) -> bool:
+  """True for 2D leaves named ``kernel`` outside embeddings, norms and heads.
+
+  A leaf is selected when its last path component is ``kernel``, it has exactly 2
+  dims (a Dense / nnx.Linear kernel (in, out)) and its path does not match
+  :data:`DEFAULT_DENSE_PATTERN` (``embed``, ``norm``, ``classifier`` anywhere;
+  ``head`` as a name part: ``head``, ``lm_head``, ``cls_head_0``, not ``heads``).
+  """
+  shape = _shape(leaf)
+  return (path.rsplit("/", 1)[-1] == "kernel" and shape is not None and len(shape) == 2
+          and _DEFAULT_DENSE.search(path) is None)
+
+
+def _compile(pattern, argument: str) -> re.Pattern:
+  if not isinstance(pattern, str):
+    raise TypeError(f"{argument} patterns must be regex strings, got {pattern!r} "
+                    f"({type(pattern).__name__}).")
+  try:
+    return re.compile(pattern)
+  except re.error as error:
+    raise ValueError(f"{argument} has an invalid regular expression {pattern!r}: {error}.") \
+        from None
+
+
+def path_predicate(filter: PathFilter | None,
+                   default: Callable[[str, Any], bool] = default_filter
+                   ) -> Callable[[str, Any], bool]:
+  """``filter`` as a predicate ``(path, leaf) -> bool``: a regex is searched in the path
+  string, a callable is used as is, None gives ``default``."""
+  if filter is None:
+    return default
+  if isinstance(filter, str):
+    compiled = _compile(filter, "filter")
+    return lambda path, leaf: compiled.search(path) is not None
+  if callable(filter):
+    return filter
+  raise TypeError(f"filter must be None, a regex string or a predicate (path, leaf) -> bool, "
+                  f"got {filter!r} ({type(filter).__name__}).")
+
+
+def _parse_config(config, argument: str) -> VNMConfig | None:
+  if config is None:
+    return None
+  try:
+    return VNMConfig.parse(config)
+  except (TypeError, ValueError) as error:
+    raise type(error)(f"{argument}: {error}") from None
+
+
+def _compile_patterns(mapping, argument: str, parse_value) -> list[tuple[str, re.Pattern, Any]]:
+  if mapping is None:
+    return []
+  if not isinstance(mapping, Mapping):
+    raise TypeError(f"{argument} must be a mapping from path regex to value, got "
+                    f"{type(mapping).__name__}.")
+  return [(pattern, _compile(pattern, argument), parse_value(value, f"{argument}[{pattern!r}]"))
+          for pattern, value in mapping.items()]
+
+
+def _first_match(patterns, path: str):
+  for pattern, compiled, value in patterns:
+    if compiled.search(path) is not None:
+      return pattern, value
+  return None, None
+
+
+def _preview(paths: Sequence[str], count: int = 6) -> str:
+  shown = ", ".join(repr(p) for p in paths[:count])
+  return shown + (f", ... ({len(paths)} in all)" if len(paths) > count else "")
+
+
+def _plan(params, config, filter, configs) -> tuple[list[tuple[str, Any, VNMConfig | None]], Any]:
+  """Flattens ``params`` and decides each leaf's config (None = dense)."""
+  default_config = _parse_config(config, "config")
+  predicate = path_predicate(filter)
+  overrides = _compile_patterns(configs, "configs", _parse_config)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  if not leaves:
+    raise ValueError("params has no leaves; pass a linen param dict or an nnx.State.")
+  plan, used, selected = [], set(), []
+  for key_path, leaf in leaves:
+    path = path_str(key_path)
+    if not predicate(path, leaf):
+      plan.append((path, leaf, None))
+      continue
+    shape = _shape(leaf)
+    if shape is None or len(shape) < 2:
+      raise ValueError(f"filter selected {path!r} with shape {shape}: V:N:M needs a kernel with "
+                       f"at least 2 dims (in, out); narrow the filter, e.g. end it with "
+                       f"'kernel$'.")
+    selected.append(path)
+    pattern, override = _first_match(overrides, path)
+    if pattern is not None:
+      used.add(pattern)
+    plan.append((path, leaf, override if pattern is not None else default_config))
+  if not selected:
+    raise ValueError(f"filter={filter!r} selected no leaf of params; its paths are "
+                     f"{_preview([p for p, _, _ in plan])}.")
+  unused = [pattern for pattern, _, _ in overrides if pattern not in used]
+  if unused:
+    raise ValueError(f"configs patterns {unused} match no leaf selected by the filter (the "
+                     f"default filter keeps embeddings, norms and heads dense; pass filter= to "
+                     f"select them); selected: {_preview(selected)}.")
+  return plan, treedef
+
+
+def tree_configs(params, config: VNMConfig | str | None, *, filter: PathFilter | None = None,
+                 configs: Mapping[str, VNMConfig | str | None] | None = None):
+  """Which V:N:M config each leaf of ``params`` gets.
+
+  Only the tree's structure, paths and leaf shapes are read, so this works on
+  arrays, tracers or ``jax.ShapeDtypeStruct`` leaves (e.g. inside a jitted update).
+
+  Args:
+    params: a linen param dict (nested dicts) or an ``nnx.State`` (of Variables or pure).
+    config: the config of every selected leaf: a VNMConfig, a string such as "64:2:8",
+      or None to prune only the leaves that ``configs`` names.
+    filter: which leaves may be pruned: None for :func:`default_filter`, a regex
+      searched in the path string, or a predicate ``(path, leaf) -> bool``. It replaces
+      the default filter; every leaf it selects must have at least 2 dims.
+    configs: per-path overrides, ``{regex: VNMConfig | "V:N:M" | None}``, for leaves
+      the filter selected; the first pattern (in order) found in the path wins and
+      None keeps that leaf dense. Every pattern must match some selected leaf.
+
+  Returns:
+    A tree of ``params``' structure with a VNMConfig at each pruned leaf and None at
+    dense ones (see the module docstring for mapping over it).
+  """
+  plan, treedef = _plan(params, config, filter, configs)
+  return jax.tree_util.tree_unflatten(treedef, [cfg for _, _, cfg in plan])
+
+
+def _by_path(tree, is_leaf=None) -> dict[str, Any]:
+  if tree is None:
+    return {}
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
+  return {_canonical(path_str(key_path)): leaf for key_path, leaf in leaves}
+
+
+def _score_fn(score) -> tuple[ScoreFn, Importance | None]:
+  if callable(score) and not isinstance(score, (str, Importance)):
+    return score, None
+  importance = Importance.parse(score)
+  return (lambda matrix, norms: importance_scores(matrix, importance, norms)), importance
+
+
+def _leaf_scores(path, leaf, axes, score_fn, importance, norms, given_norm_paths):
+  """Scores of one kernel: ``score_fn`` on its 2D (in, out) view, back in its shape."""
+  matrix = as_matrix(jnp.asarray(leaf), axes)
+  if importance is not None and importance.needs_input_norms and norms is None:
+    hint = (f"input_norms has entries for {_preview(sorted(given_norm_paths))}"
+            if given_norm_paths else "no input_norms were given")
+    raise ValueError(f"score={importance.value!r} needs input_norms for {path!r} (shape "
+                     f"({matrix.shape[0]},)); {hint}. Collect them with "
+                     f"vnm_jax.calibration.collect_input_norms.")
+  scores = jnp.asarray(score_fn(matrix, norms))
+  if scores.shape != matrix.shape:
+    raise ValueError(f"score function returned shape {scores.shape} for {path!r}; it must "
+                     f"return the (in, out) shape {matrix.shape} of the kernel it was given.")
+  return from_matrix(scores, leaf.shape, axes)
+
+
+def tree_masks(params, config: VNMConfig | str | None, *, filter: PathFilter | None = None,
+               configs: Mapping[str, VNMConfig | str | None] | None = None,
+               score: Importance | str | ScoreFn = Importance.MAGNITUDE, scores=None,
+               input_norms=None, rule: Rule = "column_l1",
+               in_axes: Mapping[str, int | Sequence[int]] | None = None, permutations=None):
+  """V:N:M masks for the kernels of a model: :func:`vnm_jax.masks.vnm_mask` leaf by leaf.
+
+  Args:
+    params: a linen param dict or an ``nnx.State``.
+    config, filter, configs: which leaves get which VNMConfig, as in :func:`tree_configs`.
+    score: the importance of each entry: an :class:`Importance` or its name
+      ("magnitude", "wanda", "ria" with a=0.5), or a callable
+      ``(kernel_2d, input_norms_or_None) -> scores_2d`` on the kernel's (in, out) view
+      (e.g. ``functools.partial(vnm_jax.scores.ria_score, a=0.25)``).
+    scores: precomputed scores (kernel's shape, finite, >= 0) by path; they take
+      precedence over ``score`` where given.
+    input_norms: per-input-feature activation L2 norms by path, shape (fan_in,) with
+      fan_in the flattened contraction size (from
+      :func:`vnm_jax.calibration.collect_input_norms`); needed by "wanda" and "ria".
+    rule: "column_l1" or "exhaustive", see :func:`vnm_jax.masks.vnm_mask`.
+    in_axes: ``{regex: contraction axes}`` for selected kernels with more than 2 dims
+      (first match wins); 2D kernels are (in, out) and need none.
+    permutations: a :class:`vnm_jax.permutation.Permutation` by path for the kernels
+      whose channels were permuted (on the 2D view).
+
+  Returns:
+    A tree of ``params``' structure: a bool mask of the leaf's shape (True = kept)
+    where pruned, None where dense.
+  """
+  if rule not in RULES:
+    raise ValueError(f"rule must be one of {RULES}, got {rule!r}.")
+  score_fn, importance = _score_fn(score)
+  plan, treedef = _plan(params, config, filter, configs)
+  axes_patterns = _compile_patterns(in_axes, "in_axes", lambda value, _: value)
+  given_scores = _by_path(scores)
+  norms_by_path = _by_path(input_norms)
+  permutation_by_path = _by_path(permutations,
+                                 is_leaf=lambda x: isinstance(x, Permutation))
+  masks = []
+  for path, leaf, cfg in plan:
+    if cfg is None:
+      masks.append(None)
+      continue
+    key = _canonical(path)
+    axes = None
+    if len(leaf.shape) > 2:
+      pattern, axes = _first_match(axes_patterns, path)
+      if pattern is None:
+        raise ValueError(f"{path!r} has shape {tuple(leaf.shape)}: a kernel with more than 2 "
+                         f"dims needs its contraction axes in in_axes, e.g. "
+                         f"in_axes={{{path!r}: (0,)}}.")
+    try:
+      if key in given_scores:
+        leaf_scores = given_scores[key]
+        if _shape(leaf_scores) != tuple(leaf.shape):
+          raise ValueError(f"scores[{path!r}] has shape {_shape(leaf_scores)}; it must have "
+                           f"the kernel's shape {tuple(leaf.shape)}.")
+      else:
+        leaf_scores = _leaf_scores(path, leaf, axes, score_fn, importance,
+                                   norms_by_path.get(key), norms_by_path.keys())
+      masks.append(vnm_mask(leaf, cfg, scores=leaf_scores, rule=rule, in_axes=axes,
+                            permutation=permutation_by_path.get(key)))
+    except (TypeError, ValueError) as error:
+      if path in str(error):
+        raise
+      raise type(error)(f"while masking {path!r}: {error}") from error
+  return jax.tree_util.tree_unflatten(treedef, masks)
+
+
+def _masks_by_path(masks, params_paths: set[str]) -> dict[str, Any]:
+  found = _by_path(masks)
+  stray = sorted(set(found) - params_paths)
+  if stray:
+    raise ValueError(f"masks has entries for paths that are not in params: {_preview(stray)}.")
+  return found
+
+
+def tree_apply_masks(params, masks):
+  """``params`` with every masked leaf multiplied by its mask (dtype kept); others unchanged.
+
+  ``masks`` is what :func:`tree_masks` returned (None where dense), or any tree or
+  flat dict of bool masks matched to ``params`` by path.
+  """
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  masks_found = _masks_by_path(masks, {_canonical(path_str(p)) for p, _ in leaves})
+
+  def apply(key_path, leaf):
+    path = path_str(key_path)
+    mask = masks_found.get(_canonical(path))
+    if mask is None:
+      return leaf
+    if _shape(mask) != _shape(leaf):
+      raise ValueError(f"masks[{path!r}] has shape {_shape(mask)}; the parameter has shape "
+                       f"{_shape(leaf)}.")
+    leaf = jnp.asarray(leaf)
+    return jnp.where(mask, leaf, jnp.zeros((), leaf.dtype))
+
+  return jax.tree_util.tree_map_with_path(apply, params)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerDensity:
+  """One masked leaf: ``kept`` of ``size`` entries survive."""
+
+  path: str
+  shape: tuple[int, ...]
+  config: VNMConfig | None
+  kept: int
+  size: int
+
+  @property
+  def density(self) -> float:
+    return self.kept / self.size if self.size else 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsitySummary:
+  """Densities of a masked model: per masked leaf, over masked leaves, over all params.
+
+  ``str(summary)`` and :meth:`to_markdown` give a markdown table.
+  """
+
+  layers: tuple[LayerDensity, ...]
+  dense_leaves: int
+  dense_size: int
+
+  @property
+  def masked_kept(self) -> int:
+    return sum(layer.kept for layer in self.layers)
+
+  @property
+  def masked_size(self) -> int:
+    return sum(layer.size for layer in self.layers)
+
+  @property
+  def masked_density(self) -> float:
+    """Kept fraction over the masked leaves only."""
+    return self.masked_kept / self.masked_size if self.masked_size else 1.0
+
+  @property
+  def total_size(self) -> int:
+    return self.masked_size + self.dense_size
+
+  @property
+  def total_density(self) -> float:
+    """Kept fraction over all parameters, dense leaves counting as fully kept."""
+    return (self.masked_kept + self.dense_size) / self.total_size if self.total_size else 1.0
+
+  def to_markdown(self) -> str:
+    rows = [("path", "shape", "config", "kept", "size", "density")]
+    for layer in self.layers:
+      rows.append((layer.path, "x".join(map(str, layer.shape)),
+                   "-" if layer.config is None else str(layer.config), f"{layer.kept:,}",
+                   f"{layer.size:,}", f"{layer.density:.4f}"))
+    rows.append((f"masked ({len(self.layers)} leaves)", "", "", f"{self.masked_kept:,}",
+                 f"{self.masked_size:,}", f"{self.masked_density:.4f}"))
+    rows.append((f"all params ({len(self.layers) + self.dense_leaves} leaves)", "", "",
+                 f"{self.masked_kept + self.dense_size:,}", f"{self.total_size:,}",
+                 f"{self.total_density:.4f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |"
+             for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+  def __str__(self) -> str:
+    return self.to_markdown()
+
+
+def sparsity_summary(params, masks, configs=None) -> SparsitySummary:
+  """Per-leaf and total densities of ``params`` under ``masks``.
+
+  Args:
+    params: a linen param dict or an ``nnx.State``.
+    masks: bool masks by path (as returned by :func:`tree_masks`; None = dense).
+    configs: optional configs by path (as returned by :func:`tree_configs`), shown
+      in the table.
+
+  Returns:
+    A :class:`SparsitySummary`. Density counts the mask's True entries; a leaf
+    without a mask counts as fully dense.
+  """
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  masks_found = _masks_by_path(masks, {_canonical(path_str(p)) for p, _ in leaves})
+  configs_found = _by_path(configs, is_leaf=lambda x: isinstance(x, VNMConfig))
+  layers, dense_leaves, dense_size = [], 0, 0
+  for key_path, leaf in leaves:
+    path = path_str(key_path)
+    shape = _shape(leaf) or ()
+    mask = masks_found.get(_canonical(path))
+    if mask is None:
+      dense_leaves += 1
+      dense_size += math.prod(shape)
+      continue
+    if _shape(mask) != shape:
+      raise ValueError(f"masks[{path!r}] has shape {_shape(mask)}; the parameter has shape "
+                       f"{shape}.")
+    layers.append(LayerDensity(path, shape, configs_found.get(_canonical(path)),
+                               int(np.count_nonzero(np.asarray(mask))), math.prod(shape)))
+  return SparsitySummary(tuple(layers), dense_leaves, dense_size)
