@@ -33,7 +33,6 @@ nothing is padded on the weight side; tokens are padded in the wrapper.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -166,8 +165,80 @@ def choose_blocks(tokens: int, groups: int, row_blocks: int, *, block_tokens: in
   return block_tokens, block_groups, k_splits
 
 
-@functools.partial(jax.jit, static_argnames=("m", "block_tokens", "block_groups", "k_splits",
-                                             "num_warps", "num_stages", "interpret"))
+def _condensed_kernel(xt_ref, weight_ref, columns_ref, out_ref, *, groups: int,
+                      block_groups: int, steps_per_split: int):
+  """Like :func:`_vnm_kernel`, reading a condensed weight (4, G, V) with the 2:4 zeros."""
+  block_tokens, v = out_ref.shape
+  first_step = pl.program_id(0) * steps_per_split
+
+  def step(i, acc):
+    start = (first_step + i) * block_groups
+    group_ids = start + lax.broadcasted_iota(jnp.int32, (block_groups,), 0)
+    in_range = group_ids < groups
+    group_ids = jnp.minimum(group_ids, groups - 1)
+    for slot in range(KEPT_COLUMNS):
+      gathered = xt_ref[columns_ref[slot, group_ids], :]  # (BG, BT)
+      weight = jnp.where(in_range[:, None], weight_ref[slot, group_ids, :], 0)  # (BG, V)
+      acc = acc + lax.dot_general(gathered, weight, (((0,), (0,)), ((), ())),
+                                  preferred_element_type=jnp.float32)
+    return acc
+
+  acc = lax.fori_loop(0, steps_per_split, step, jnp.zeros((block_tokens, v), jnp.float32))
+  out_ref[...] = acc.astype(out_ref.dtype)
+
+
+_LAUNCH_STATICS = ("m", "block_tokens", "block_groups", "k_splits", "num_warps", "num_stages",
+                   "interpret")
+
+
+def _launch(kernel_fn, x, weight_arrays, columns, *, m, block_tokens, block_groups, k_splits,
+            num_warps, num_stages, interpret):
+  """Pads x, builds the grid and BlockSpecs, runs the kernel, adds K-split partial sums.
+
+  ``weight_arrays`` are (R, ...) arrays whose leading row-block axis is blocked one
+  block per program and whose other axes are passed whole.
+  """
+  _check_block("block_tokens", block_tokens, minimum=MIN_DOT_SIZE)
+  _check_block("block_groups", block_groups, minimum=MIN_DOT_SIZE)
+  if k_splits is not None and (isinstance(k_splits, bool) or not isinstance(k_splits, int)
+                               or k_splits < 1):
+    raise ValueError(f"k_splits must be a positive int or None, got {k_splits!r}.")
+  tokens, features = x.shape
+  row_blocks, _, groups = columns.shape
+  v = weight_arrays[0].shape[-1]
+  block_tokens, block_groups, k_splits = choose_blocks(
+      tokens, groups, row_blocks, block_tokens=block_tokens, block_groups=block_groups,
+      k_splits=k_splits)
+  steps = -(-groups // block_groups)
+  k_splits = min(k_splits, steps)
+  steps_per_split = -(-steps // k_splits)
+
+  padded_tokens = -(-tokens // block_tokens) * block_tokens
+  xt = jnp.pad(x, ((0, padded_tokens - tokens), (0, groups * m - features))).T
+  split = k_splits > 1
+
+  def whole_row_block(a):
+    return pl.BlockSpec((None, *a.shape[1:]),
+                        lambda s, i, r, ndim=a.ndim: (r,) + (0,) * (ndim - 1))
+
+  out = pl.pallas_call(
+      functools.partial(kernel_fn, groups=groups, block_groups=block_groups,
+                        steps_per_split=steps_per_split),
+      out_shape=jax.ShapeDtypeStruct((k_splits, padded_tokens, row_blocks * v),
+                                     jnp.float32 if split else x.dtype),
+      grid=(k_splits, padded_tokens // block_tokens, row_blocks),
+      in_specs=[pl.BlockSpec((groups * m, block_tokens), lambda s, i, r: (0, i)),
+                *[whole_row_block(a) for a in (*weight_arrays, columns)]],
+      out_specs=pl.BlockSpec((None, block_tokens, v), lambda s, i, r: (s, i, r)),
+      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret,
+      name=kernel_fn.__name__.strip("_"),
+  )(xt, *weight_arrays, columns)
+  out = out.sum(axis=0).astype(x.dtype) if split else out[0]
+  return out[:tokens]
+
+
+@functools.partial(jax.jit, static_argnames=_LAUNCH_STATICS)
 def vnm_matmul_pallas(x: jax.Array, values: jax.Array, meta: jax.Array, columns: jax.Array, *,
                       m: int, block_tokens: int | None = None, block_groups: int | None = None,
                       k_splits: int | None = None, num_warps: int | None = None,
@@ -194,42 +265,42 @@ def vnm_matmul_pallas(x: jax.Array, values: jax.Array, meta: jax.Array, columns:
   reason = unsupported_reason(values.shape[-1], x.dtype)
   if reason is not None:
     raise ValueError(f"vnm_matmul_pallas cannot take this weight: {reason}.")
-  _check_block("block_tokens", block_tokens, minimum=MIN_DOT_SIZE)
-  _check_block("block_groups", block_groups, minimum=MIN_DOT_SIZE)
-  if k_splits is not None and (not isinstance(k_splits, int) or k_splits < 1):
-    raise ValueError(f"k_splits must be a positive int or None, got {k_splits!r}.")
-  tokens, features = x.shape
-  row_blocks, _, groups, v = values.shape
-  block_tokens, block_groups, k_splits = choose_blocks(
-      tokens, groups, row_blocks, block_tokens=block_tokens, block_groups=block_groups,
-      k_splits=k_splits)
-  steps = -(-groups // block_groups)
-  k_splits = min(k_splits, steps)
-  steps_per_split = -(-steps // k_splits)
+  return _launch(_vnm_kernel, x, (values, meta), columns, m=m, block_tokens=block_tokens,
+                 block_groups=block_groups, k_splits=k_splits, num_warps=num_warps,
+                 num_stages=num_stages, interpret=interpret)
 
-  padded_tokens = -(-tokens // block_tokens) * block_tokens
-  xt = jnp.pad(x, ((0, padded_tokens - tokens), (0, groups * m - features))).T
-  split = k_splits > 1
-  out_dtype = jnp.float32 if split else x.dtype
-  kernel = functools.partial(_vnm_kernel, groups=groups, block_groups=block_groups,
-                             steps_per_split=steps_per_split)
-  out = pl.pallas_call(
-      kernel,
-      out_shape=jax.ShapeDtypeStruct((k_splits, padded_tokens, row_blocks * v), out_dtype),
-      grid=(k_splits, padded_tokens // block_tokens, row_blocks),
-      in_specs=[
-          pl.BlockSpec((groups * m, block_tokens), lambda s, i, r: (0, i)),
-          pl.BlockSpec((None, 2, groups, v), lambda s, i, r: (r, 0, 0, 0)),
-          pl.BlockSpec((None, groups, v // 2), lambda s, i, r: (r, 0, 0)),
-          pl.BlockSpec((None, KEPT_COLUMNS, groups), lambda s, i, r: (r, 0, 0)),
-      ],
-      out_specs=pl.BlockSpec((None, block_tokens, v), lambda s, i, r: (s, i, r)),
-      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      interpret=interpret,
-      name="vnm_matmul",
-  )(xt, values, meta, columns)
-  out = out.sum(axis=0).astype(x.dtype) if split else out[0]
-  return out[:tokens]
+
+@functools.partial(jax.jit, static_argnames=_LAUNCH_STATICS)
+def vnm_matmul_pallas_condensed(x: jax.Array, condensed: jax.Array, columns: jax.Array, *,
+                                m: int, block_tokens: int | None = None,
+                                block_groups: int | None = None, k_splits: int | None = None,
+                                num_warps: int | None = None, num_stages: int | None = None,
+                                interpret: bool = False) -> jax.Array:
+  """:func:`vnm_matmul_pallas` on a condensed weight (R, 4, G, V) with the 2:4 zeros stored.
+
+  The layout alternative the packed kernel is measured against (bench/kernel.py
+  ``--layouts``): one dot per slot and no expansion, but 4/M of the dense weight's
+  bytes to read instead of ~2/M. ``condensed[r, p, g, v]`` multiplies input feature
+  ``columns[r, p, g]`` (``vnm_jax.matmul_xla.condensed_weight`` builds it).
+  V must be a power of 2 >= 16. Other arguments and the result as for
+  :func:`vnm_matmul_pallas`.
+  """
+  if x.ndim != 2 or condensed.ndim != 4 or condensed.shape[1] != KEPT_COLUMNS:
+    raise ValueError(f"x must be (T, K) and condensed (R, 4, G, V), got {x.shape} and "
+                     f"{condensed.shape}.")
+  if condensed.dtype != x.dtype:
+    raise TypeError(f"condensed must have x's dtype {x.dtype}, got {condensed.dtype}.")
+  r, _, g, v = condensed.shape
+  if columns.shape != (r, KEPT_COLUMNS, g) or columns.dtype != jnp.int32:
+    raise ValueError(f"columns must be int32 of shape {(r, KEPT_COLUMNS, g)}, got "
+                     f"{columns.dtype} {columns.shape}.")
+  if not _is_power_of_2(v) or v < MIN_DOT_SIZE:
+    raise ValueError(f"V={v} must be a power of 2 >= {MIN_DOT_SIZE} for the condensed kernel.")
+  if x.shape[1] > g * m:
+    raise ValueError(f"x has {x.shape[1]} features but the weight covers G*M = {g * m}.")
+  return _launch(_condensed_kernel, x, (condensed,), columns, m=m, block_tokens=block_tokens,
+                 block_groups=block_groups, k_splits=k_splits, num_warps=num_warps,
+                 num_stages=num_stages, interpret=interpret)
 
 
 def vnm_matmul_reference(x: jax.Array, values: jax.Array, meta: jax.Array, columns: jax.Array,
@@ -239,6 +310,11 @@ def vnm_matmul_reference(x: jax.Array, values: jax.Array, meta: jax.Array, colum
   Returns (T, R*V) in x's dtype, computed in float32 at highest precision.
   """
   validate_inputs(x, values, meta, columns, m)
+  return _reference(x, values, meta, columns, m)
+
+
+@functools.partial(jax.jit, static_argnums=4)
+def _reference(x, values, meta, columns, m):
   row_blocks, _, groups, v = values.shape
   nibbles = jnp.concatenate([meta & 15, meta >> 4], axis=-1)[..., :v].astype(jnp.int32)
   positions = jnp.stack([nibbles & 3, nibbles >> 2], axis=1)  # (R, 2, G, V)

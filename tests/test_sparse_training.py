@@ -233,11 +233,16 @@ def test_transforms_work_on_nnx_state():
                             is_leaf=lambda x: x is None))):
     state = tx.init(params)
     assert isinstance(state, (SRSTEState, FixedMaskState))
-    p = params
-    for _ in range(3):
+
+    @jax.jit
+    def step(p, state):
       grads = jax.grad(lambda p: loss(sparse_params(p, state)))(p)
       updates, state = tx.update(grads, state, p)
-      p = optax.apply_updates(p, updates)
+      return optax.apply_updates(p, updates), state
+
+    p = params
+    for _ in range(3):
+      p, state = step(p, state)
     forward = sparse_params(p, state)
     for layer in (0, 2):
       kernel = np.asarray(forward["layers"][layer]["kernel"][...])

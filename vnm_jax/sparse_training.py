@@ -102,13 +102,16 @@ def _leaf_paths(params: PyTree) -> list[str]:
   return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
 
 
-def _flatten_like(params: PyTree, tree: PyTree, name: str) -> list:
+def _flatten_like(params: PyTree, tree: PyTree, name: str, is_leaf=None) -> list:
   """The entries of ``tree`` at the positions of the params' leaves (None where dense).
+
+  ``is_leaf`` applies to ``params`` (``_is_none`` when the reference is itself a
+  configs or masks tree).
 
   Raises:
     ValueError: ``tree`` does not have the params' structure.
   """
-  treedef = jax.tree_util.tree_structure(params)
+  treedef = jax.tree_util.tree_structure(params, is_leaf=is_leaf)
   try:
     return treedef.flatten_up_to(tree)
   except (ValueError, TypeError) as error:

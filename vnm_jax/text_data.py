@@ -86,8 +86,10 @@ def token_nll(logits: jax.Array, tokens: jax.Array) -> jax.Array:
   Returns:
     float32 (batch, length - 1): nll[:, t] = -log p(tokens[:, t + 1] | tokens[:, :t + 1]).
   """
-  log_probs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-  return -jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)[..., 0]
+  logits = logits[:, :-1].astype(jnp.float32)
+  # logsumexp minus the target logit: one pass over the vocabulary, not a full log_softmax.
+  target = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
+  return jax.nn.logsumexp(logits, axis=-1) - target
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))

@@ -270,7 +270,8 @@ def tree_masks(params, config: VNMConfig | str | None, *, filter: PathFilter | N
 
   Returns:
     A tree of ``params``' structure: a bool mask of the leaf's shape (True = kept)
-    where pruned, None where dense.
+    where pruned, None where dense. Jittable over ``params`` (and array arguments);
+    checks on values (NaN, negative) then only run on concrete inputs.
   """
   if rule not in RULES:
     raise ValueError(f"rule must be one of {RULES}, got {rule!r}.")

@@ -1,0 +1,252 @@
+"""Tests of the nnx Llama against an independent numpy forward pass (tiny random models)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from vnm_jax.models.llama import (KVCache, Llama, LlamaConfig, apply_rope, generate_greedy,
+                                  prunable_kernel_paths)
+
+TINY = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                   num_heads=4, num_kv_heads=2, head_dim=8, rope_base=100.0, rms_norm_eps=1e-5)
+
+
+def reference_logits(weights: dict, config: LlamaConfig, tokens: np.ndarray,
+                     pairing: str) -> np.ndarray:
+  """Llama forward pass in float64 numpy, one sequence, explicit loops over heads and pairs.
+
+  Args:
+    weights: GGUF names -> arrays; matrices (out_features, in_features).
+    config: sizes.
+    tokens: int (length,).
+    pairing: "half" rotates features (i, i + D/2) of a head together (Hugging Face order),
+      "adjacent" rotates (2i, 2i + 1) (llama.cpp order).
+
+  Returns:
+    (length, vocab) logits.
+  """
+  w = {name: np.asarray(array, np.float64) for name, array in weights.items()}
+  d, t = config.head_dim, len(tokens)
+  groups = config.num_heads // config.num_kv_heads
+
+  def rms_norm(x, scale):
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + config.rms_norm_eps) * scale
+
+  def rope(x):  # x: (length, D) of one head
+    out = x.copy()
+    for i in range(d // 2):
+      a, b = (i, i + d // 2) if pairing == "half" else (2 * i, 2 * i + 1)
+      for pos in range(t):
+        angle = pos * config.rope_base ** (-2.0 * i / d)
+        c, s = np.cos(angle), np.sin(angle)
+        out[pos, a] = x[pos, a] * c - x[pos, b] * s
+        out[pos, b] = x[pos, b] * c + x[pos, a] * s
+    return out
+
+  x = w["token_embd.weight"][tokens]
+  for layer in range(config.num_layers):
+    p = f"blk.{layer}."
+    h = rms_norm(x, w[p + "attn_norm.weight"])
+    q, k, v = (h @ w[p + name].T for name in ("attn_q.weight", "attn_k.weight", "attn_v.weight"))
+    heads = []
+    for head in range(config.num_heads):
+      kv = head // groups
+      qh = rope(q[:, head * d:(head + 1) * d])
+      kh = rope(k[:, kv * d:(kv + 1) * d])
+      vh = v[:, kv * d:(kv + 1) * d]
+      scores = qh @ kh.T / np.sqrt(d)
+      scores[np.triu_indices(t, 1)] = -np.inf
+      probs = np.exp(scores - scores.max(axis=1, keepdims=True))
+      heads.append(probs / probs.sum(axis=1, keepdims=True) @ vh)
+    x = x + np.concatenate(heads, axis=1) @ w[p + "attn_output.weight"].T
+    h = rms_norm(x, w[p + "ffn_norm.weight"])
+    gate = h @ w[p + "ffn_gate.weight"].T
+    x = x + (gate / (1 + np.exp(-gate)) * (h @ w[p + "ffn_up.weight"].T)) @ \
+        w[p + "ffn_down.weight"].T
+  x = rms_norm(x, w["output_norm.weight"])
+  return x @ w.get("output.weight", w["token_embd.weight"]).T
+
+
+def random_model(config: LlamaConfig = TINY, seed: int = 0) -> Llama:
+  """A Llama with random kernels and random (not all-ones) norm scales."""
+  model = Llama(config, rngs=nnx.Rngs(seed))
+  rng = np.random.default_rng(seed)
+  for norm in [model.final_norm] + [n for layer in model.layers
+                                    for n in (layer.attention_norm, layer.mlp_norm)]:
+    norm.scale.value = jnp.asarray(rng.uniform(0.5, 1.5, norm.scale.shape), jnp.float32)
+  return model
+
+
+def half_pairing_weights(model: Llama) -> dict:
+  """The model's parameters under GGUF names, (out, in), rows in the model's own order."""
+  arr = lambda v: np.asarray(v[...])  # noqa: E731
+  weights = {"token_embd.weight": arr(model.embed.embedding),
+             "output_norm.weight": arr(model.final_norm.scale)}
+  if model.lm_head is not None:
+    weights["output.weight"] = arr(model.lm_head.kernel).T
+  for i, layer in enumerate(model.layers):
+    a, m = layer.attention, layer.mlp
+    weights.update({
+        f"blk.{i}.attn_norm.weight": arr(layer.attention_norm.scale),
+        f"blk.{i}.ffn_norm.weight": arr(layer.mlp_norm.scale),
+        f"blk.{i}.attn_q.weight": arr(a.q_proj.kernel).T,
+        f"blk.{i}.attn_k.weight": arr(a.k_proj.kernel).T,
+        f"blk.{i}.attn_v.weight": arr(a.v_proj.kernel).T,
+        f"blk.{i}.attn_output.weight": arr(a.o_proj.kernel).T,
+        f"blk.{i}.ffn_gate.weight": arr(m.gate_proj.kernel).T,
+        f"blk.{i}.ffn_up.weight": arr(m.up_proj.kernel).T,
+        f"blk.{i}.ffn_down.weight": arr(m.down_proj.kernel).T,
+    })
+  return weights
+
+
+def tokens_of(shape, seed=0, vocab=TINY.vocab_size):
+  return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, shape), jnp.int32)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_forward_matches_numpy_reference(tie):
+  config = dataclasses.replace(TINY, tie_embeddings=tie)
+  model = random_model(config)
+  tokens = tokens_of((2, 11))
+  logits = model(tokens)
+  assert logits.shape == (2, 11, config.vocab_size)
+  weights = half_pairing_weights(model)
+  for row in range(2):
+    expected = reference_logits(weights, config, np.asarray(tokens[row]), "half")
+    np.testing.assert_allclose(np.asarray(logits[row]), expected, rtol=2e-4, atol=2e-4)
+
+
+def test_reference_detects_wrong_pairing():
+  # The two pairings must give different logits, or the pairing checks prove nothing.
+  model = random_model()
+  tokens = np.asarray(tokens_of((9,)))
+  weights = half_pairing_weights(model)
+  half = reference_logits(weights, TINY, tokens, "half")
+  adjacent = reference_logits(weights, TINY, tokens, "adjacent")
+  assert np.abs(half - adjacent).max() > 1e-2
+
+
+def test_gqa_equals_mha_with_repeated_kv_heads():
+  # Grouped-query attention == full multi-head attention whose key/value heads are copies.
+  model = random_model()
+  mha_config = dataclasses.replace(TINY, num_kv_heads=TINY.num_heads)
+  mha = random_model(mha_config)
+  groups = TINY.num_heads // TINY.num_kv_heads
+  _, state = nnx.split(model)
+  nnx.update(mha, state.filter(lambda path, _: not ("k_proj" in path or "v_proj" in path)))
+  for gqa_layer, mha_layer in zip(model.layers, mha.layers):
+    for name in ("k_proj", "v_proj"):
+      kernel = np.asarray(getattr(gqa_layer.attention, name).kernel[...])
+      heads = kernel.reshape(TINY.hidden_size, TINY.num_kv_heads, TINY.head_dim)
+      repeated = np.repeat(heads, groups, axis=1).reshape(TINY.hidden_size, -1)
+      getattr(mha_layer.attention, name).kernel.value = jnp.asarray(repeated)
+  tokens = tokens_of((2, 7))
+  np.testing.assert_allclose(np.asarray(model(tokens)), np.asarray(mha(tokens)), rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_rope_matches_complex_rotation_and_is_relative():
+  rng = np.random.default_rng(1)
+  d, base = 8, 50.0
+  x = rng.standard_normal((1, 6, 3, d)).astype(np.float32)
+  positions = jnp.arange(6) + 3
+  rotated = np.asarray(apply_rope(jnp.asarray(x), positions, base))
+  # Pair (i, i + d/2) as one complex number, multiplied by exp(i * pos * base^(-2i/d)).
+  z = x[..., :d // 2] + 1j * x[..., d // 2:]
+  angles = np.asarray(positions)[:, None] * base ** (-np.arange(0, d, 2) / d)
+  expected = z * np.exp(1j * angles)[None, :, None, :]
+  np.testing.assert_allclose(rotated, np.concatenate([expected.real, expected.imag], -1),
+                             rtol=1e-5, atol=1e-5)
+  # Norm preserved; q.k depends only on the position difference.
+  np.testing.assert_allclose(np.linalg.norm(rotated, axis=-1), np.linalg.norm(x, axis=-1),
+                             rtol=1e-5)
+  q, k = jnp.asarray(x[:, :1, :1]), jnp.asarray(x[:, 1:2, :1])
+  dots = [float(jnp.sum(apply_rope(q, jnp.array([m + s]), base) *
+                        apply_rope(k, jnp.array([n + s]), base)))
+          for m, n, s in ((5, 2, 0), (5, 2, 7), (5, 2, 40))]
+  np.testing.assert_allclose(dots, dots[0], rtol=1e-4)
+
+
+def test_causal_future_tokens_do_not_change_past_logits():
+  model = random_model()
+  tokens = tokens_of((1, 12))
+  changed = tokens.at[:, 8:].set((tokens[:, 8:] + 5) % TINY.vocab_size)
+  a, b = np.asarray(model(tokens)), np.asarray(model(changed))
+  np.testing.assert_allclose(a[:, :8], b[:, :8], rtol=1e-6, atol=1e-6)
+  assert np.abs(a[:, 8:] - b[:, 8:]).max() > 1e-3
+
+
+def test_cached_decode_equals_full_forward():
+  model = random_model()
+  tokens = tokens_of((2, 10))
+  cache = model.init_cache(batch_size=2, capacity=16)
+  assert isinstance(cache, KVCache) and int(cache.length) == 0
+  first, cache = model.decode(tokens[:, :6], cache)
+  pieces = [first]
+  for t in range(6, 10):
+    logits, cache = model.decode(tokens[:, t:t + 1], cache)
+    pieces.append(logits)
+  assert int(cache.length) == 10
+  np.testing.assert_allclose(np.concatenate(pieces, axis=1), np.asarray(model(tokens)),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_generate_greedy_equals_recomputed_argmax():
+  model = random_model()
+  prompt = tokens_of((2, 5), seed=3)
+  generated = np.asarray(generate_greedy(model, prompt, 6))
+  sequence = np.asarray(prompt)
+  for _ in range(6):
+    following = np.argmax(np.asarray(model(jnp.asarray(sequence)))[:, -1], axis=-1)
+    sequence = np.concatenate([sequence, following[:, None]], axis=1)
+  np.testing.assert_array_equal(generated, sequence[:, 5:])
+
+
+def test_generate_greedy_repeats_eos_after_it():
+  model = random_model()
+  prompt = tokens_of((1, 4), seed=4)
+  free = np.asarray(generate_greedy(model, prompt, 5))
+  eos = int(free[0, 1])
+  stopped = np.asarray(generate_greedy(model, prompt, 5, eos_id=eos))
+  np.testing.assert_array_equal(stopped[0, :2], free[0, :2])
+  assert (stopped[0, 2:] == eos).all()
+
+
+def test_prunable_kernel_paths_are_the_seven_block_kernels():
+  model = random_model()
+  paths = prunable_kernel_paths(TINY)
+  assert len(paths) == 7 * TINY.num_layers
+  params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  for path in paths:
+    assert params[path][...].ndim == 2
+  assert ("embed", "embedding") not in paths
+
+
+def test_bad_inputs_raise_clear_errors():
+  with pytest.raises(ValueError, match="num_kv_heads"):
+    dataclasses.replace(TINY, num_kv_heads=3)
+  with pytest.raises(ValueError, match="head_dim"):
+    dataclasses.replace(TINY, head_dim=7)
+  with pytest.raises(ValueError, match="hidden_size"):
+    dataclasses.replace(TINY, hidden_size=0)
+  model = random_model()
+  with pytest.raises(ValueError, match="tokens"):
+    model(jnp.zeros((4,), jnp.int32))
+  with pytest.raises(ValueError, match="tokens"):
+    model(jnp.zeros((1, 4), jnp.float32))
+  with pytest.raises(ValueError, match="max_new_tokens"):
+    generate_greedy(model, jnp.zeros((1, 3), jnp.int32), 0)
+  with pytest.raises(ValueError, match="prompt"):
+    generate_greedy(model, jnp.zeros((1, 0), jnp.int32), 2)
+
+
+def test_smollm2_config_sizes():
+  config = LlamaConfig.smollm2_135m()
+  model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+  count = sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  assert 134_000_000 < count < 135_000_000  # 134.5M with the tied head
