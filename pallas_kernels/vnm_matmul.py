@@ -1,4 +1,4 @@
-"""Pallas (Triton GPU) kernel for ``y = x @ W`` with W in the compressed V:N:M layout.
+"""Pallas (Triton GPU) kernels for ``y = x @ W`` with W in the compressed V:N:M layout.
 
 Raw arrays only (no Flax); the layout is the one of ``vnm_jax.format.VNMWeight``:
 for K inputs, M inputs per group, G = ceil(K/M) groups, R row blocks of V outputs and
@@ -15,19 +15,33 @@ and ``y_blocks[:, r*V:(r+1)*V] = sum_p x_pad[:, columns[r, p]] @ W_p[r]`` with
 The outputs are in the row blocks' order, (T, R*V); undoing an output permutation
 and cropping to N is the caller's business.
 
-The kernel: grid (K splits, token tiles, row blocks). A step loops over its share
-of the groups, ``block_groups`` at a time: it reads x's gathered columns by the
-stored indices (x is passed transposed so that each gathered input feature is a
-contiguous row of tokens), expands the condensed weight of each of the 4 slots
-from the 2 stored values and their positions, and accumulates 4 dots in float32.
-It reads 2/M of the dense weight's values (+ 1 byte of positions per 2 rows per
-group) instead of the 4/M a layout with the 2:4 zeros materialised would read.
+Both kernels: grid (K splits, token tiles, row blocks). A program loops over its
+share of the groups, ``block_groups`` at a time; a step gathers the 4*BG kept input
+features of x by the stored indices (x is passed transposed, so each gathered
+feature is a contiguous row of tokens) and runs one dot against the step's
+(4*BG, V) condensed weight, accumulating in float32. They differ in where that
+weight tile comes from:
 
-What it keeps to, so that the Triton lowering takes it: power-of-2 block shapes for
-every loaded value, gathers by indexing a ref with an int array in its leading
-position (as jax's GPU paged attention does), no scalar prefetch, no ``pl.load``.
-Groups past G in the last step are read at a clamped index and weighted 0, so
-nothing is padded on the weight side; tokens are padded in the wrapper.
+- :func:`vnm_matmul_pallas_condensed` reads it from a condensed weight (R, 4, G, V)
+  with the 2:4 zeros stored (:func:`pallas_kernels.layout.condense`): 4/M of the
+  dense weight's bytes.
+- :func:`vnm_matmul_pallas_packed` expands it in-kernel from the 2 stored values and
+  their 2-bit positions: ~2/M of the dense bytes plus 1 byte per 2 rows per group.
+
+:func:`vnm_matmul_pallas`, the entry the library uses, condenses the weight (XLA,
+under the same jit) and runs the condensed kernel: on an H200 (bf16, 4096x4096,
+bench/RESULTS.md) the condensed kernel was the faster one at every token count
+measured: 1.4-1.9x at 1024-4096 tokens, 1.1-1.25x at 16-256. The
+expansion is ALU work in the inner loop of every program (each token tile redoes
+it), and the weight bytes it saves matter only where reading weights bounds the
+time, which at decode sizes launch latency hides.
+
+What the kernels keep to, so that the Triton lowering takes them: power-of-2 block
+shapes for every loaded value, gathers by indexing a ref with int arrays (as jax's
+GPU paged attention does), no scalar prefetch, no ``pl.load``, and the Triton
+backend chosen explicitly (``pltriton.CompilerParams``; Mosaic GPU is the default
+from jax 0.11). Groups past G in the last step are read at a clamped index and
+weighted 0, so nothing is padded on the weight side; tokens are padded in the wrapper.
 """
 
 from __future__ import annotations
@@ -40,14 +54,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.layout import KEPT_COLUMNS, condense
+
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-KEPT_COLUMNS = 4
-# Triton's dot needs every dimension >= 16; each half of a row block (H = V/2
-# outputs) is one dot's output width, so V >= 32.
+# Triton's dot needs every dimension >= 16; a row block (V outputs) is one dot's width.
 MIN_DOT_SIZE = 16
-MIN_V = 2 * MIN_DOT_SIZE
-# Enough programs to fill the SMs of a current GPU (132 on an H100) a few times over.
-TARGET_PROGRAMS = 512
+MIN_V = MIN_DOT_SIZE
+# Programs to aim for when splitting K for small token counts: about 2 per SM of a
+# current GPU (132 on an H100/H200); more splits measured slower (their partial
+# sums cost a reduction).
+TARGET_PROGRAMS = 256
 
 
 def _is_power_of_2(n: int) -> bool:
@@ -64,55 +80,63 @@ def unsupported_reason(v: int, dtype) -> str | None:
     return f"dtype {jnp.dtype(dtype).name} is not one of float32, bfloat16, float16"
   if not _is_power_of_2(v) or v < MIN_V:
     return (f"V={v} is not a power of 2 >= {MIN_V} (the Triton lowering needs power-of-2 "
-            f"tiles and dots of width V/2 >= {MIN_DOT_SIZE})")
+            f"tiles and dots of width V >= {MIN_DOT_SIZE})")
   return None
 
 
-def _vnm_kernel(xt_ref, values_ref, meta_ref, columns_ref, out_ref, *, groups: int,
-                block_groups: int, steps_per_split: int):
-  """One (K split, token tile, row block) program.
+def _precision(dtype):
+  # Triton's default for a float32 dot is tf32; float32 callers get full float32.
+  return lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
+def _step_rows(step: jax.Array, block_groups: int, groups: int):
+  """The 4*BG condensed-weight rows of one loop step, slot-major.
+
+  Returns (slot, group, in_range), each (4*BG,) int32/bool: row j belongs to slot
+  j // BG of group step*BG + j % BG. Groups past the last one are clamped to G-1
+  (an in-bounds read) and flagged, so their weight can be zeroed.
+  """
+  rows = lax.broadcasted_iota(jnp.int32, (KEPT_COLUMNS * block_groups,), 0)
+  slot = rows >> (block_groups.bit_length() - 1)
+  group = step * block_groups + (rows & (block_groups - 1))
+  return slot, jnp.minimum(group, groups - 1), group < groups
+
+
+def _packed_kernel(xt_ref, values_ref, meta_ref, columns_ref, out_ref, *, groups: int,
+                   block_groups: int, steps_per_split: int):
+  """One (K split, token tile, row block) program on the packed layout.
 
   Refs (leading block axes squeezed):
-    xt_ref: (Kx, BT) x transposed, every input feature of this token tile.
-    values_ref: (2, G, V); meta_ref: (G, H) uint8; columns_ref: (4, G) int32.
-    out_ref: (BT, V) partial sums of this K split (or the output when unsplit).
+    xt_ref: (G*M, BT) x transposed, every input feature of this token tile.
+    values_ref: (2, G, V); meta_ref: (G, V/2) uint8; columns_ref: (4, G) int32.
+    out_ref: (BT, V): this K split's partial sums (the output when unsplit).
+  Per step: gather the 4*BG kept input features, expand the (4*BG, V) condensed
+  weight from the 2 stored values and their positions, one dot.
   """
+  block_tokens, v = out_ref.shape
   half = meta_ref.shape[-1]
-  block_tokens = xt_ref.shape[-1]
+  rows = KEPT_COLUMNS * block_groups
   first_step = pl.program_id(0) * steps_per_split
+  lane = lax.broadcasted_iota(jnp.int32, (rows, v), 1)
 
-  def step(i, accumulators):
-    acc_low, acc_high = accumulators
-    start = (first_step + i) * block_groups
-    group_ids = start + lax.broadcasted_iota(jnp.int32, (block_groups,), 0)
-    in_range = group_ids < groups
-    # Past the last group: read group G-1 again (in bounds) and weight it 0.
-    group_ids = jnp.minimum(group_ids, groups - 1)
-    nibbles = meta_ref[group_ids, :].astype(jnp.int32)  # (BG, H)
-    positions = {"low": (nibbles & 3, (nibbles >> 2) & 3),
-                 "high": ((nibbles >> 4) & 3, (nibbles >> 6) & 3)}
-    stored = {}
-    for name, rows in (("low", pl.ds(0, half)), ("high", pl.ds(half, half))):
-      stored[name] = tuple(
-          jnp.where(in_range[:, None], values_ref[s, group_ids, rows], 0) for s in range(2))
-    for slot in range(KEPT_COLUMNS):
-      gathered = xt_ref[columns_ref[slot, group_ids], :]  # (BG, BT)
-      for name in ("low", "high"):
-        pos0, pos1 = positions[name]
-        first, second = stored[name]
-        weight = jnp.where(pos0 == slot, first, jnp.where(pos1 == slot, second, 0))
-        product = lax.dot_general(gathered, weight, (((0,), (0,)), ((), ())),
-                                  preferred_element_type=jnp.float32)  # (BT, H)
-        if name == "low":
-          acc_low = acc_low + product
-        else:
-          acc_high = acc_high + product
-    return acc_low, acc_high
+  def step(i, acc):
+    slot, group, in_range = _step_rows(first_step + i, block_groups, groups)
+    gathered = xt_ref[columns_ref[slot, group], :]  # (4BG, BT)
+    # Output row v's nibble: low half of byte v for v < V/2, high half of byte v - V/2.
+    byte = meta_ref[jnp.broadcast_to(group[:, None], (rows, v)), lane & (half - 1)]
+    byte = byte.astype(jnp.int32)
+    nibble = jnp.where(lane >= half, byte >> 4, byte) & 15
+    keep = in_range[:, None]
+    slot = slot[:, None]
+    weight = jnp.where(keep & ((nibble & 3) == slot), values_ref[0, group, :],
+                       jnp.where(keep & (((nibble >> 2) & 3) == slot),
+                                 values_ref[1, group, :], 0))  # (4BG, V)
+    return acc + lax.dot_general(gathered, weight, (((0,), (0,)), ((), ())),
+                                 precision=_precision(gathered.dtype),
+                                 preferred_element_type=jnp.float32)
 
-  zeros = jnp.zeros((block_tokens, half), jnp.float32)
-  acc_low, acc_high = lax.fori_loop(0, steps_per_split, step, (zeros, zeros))
-  out_ref[:, pl.ds(0, half)] = acc_low.astype(out_ref.dtype)
-  out_ref[:, pl.ds(half, half)] = acc_high.astype(out_ref.dtype)
+  acc = lax.fori_loop(0, steps_per_split, step, jnp.zeros((block_tokens, v), jnp.float32))
+  out_ref[...] = acc.astype(out_ref.dtype)
 
 
 def _check_block(name: str, value: int | None, *, minimum: int) -> None:
@@ -150,14 +174,15 @@ def choose_blocks(tokens: int, groups: int, row_blocks: int, *, block_tokens: in
                   ) -> tuple[int, int, int]:
   """Default (block_tokens, block_groups, k_splits) for a problem; given values are kept.
 
-  Token tiles of up to 128 rows (16 at least: Triton's smallest dot), 32 groups
-  (128 gathered input features) per step, and the group loop split across
-  programs when tiles x row blocks alone would leave the GPU idle (decode shapes).
+  Token tiles of up to 128 rows (16 at least: Triton's smallest dot); 16 groups (64
+  gathered input features) per step, 32 for small token counts; and the group loop
+  split across programs when token tiles x row blocks would leave SMs idle. These
+  were the fastest of bench/kernel.py --tune on an H200 (4096x4096, bf16).
   """
   if block_tokens is None:
     block_tokens = min(128, max(MIN_DOT_SIZE, _next_power_of_2(tokens)))
   if block_groups is None:
-    block_groups = 32
+    block_groups = 16 if tokens > 64 else 32
   if k_splits is None:
     programs = -(-tokens // block_tokens) * row_blocks
     steps = -(-groups // block_groups)
@@ -167,21 +192,17 @@ def choose_blocks(tokens: int, groups: int, row_blocks: int, *, block_tokens: in
 
 def _condensed_kernel(xt_ref, weight_ref, columns_ref, out_ref, *, groups: int,
                       block_groups: int, steps_per_split: int):
-  """Like :func:`_vnm_kernel`, reading a condensed weight (4, G, V) with the 2:4 zeros."""
+  """Like :func:`_packed_kernel`, reading a condensed weight (4, G, V) with the 2:4 zeros."""
   block_tokens, v = out_ref.shape
   first_step = pl.program_id(0) * steps_per_split
 
   def step(i, acc):
-    start = (first_step + i) * block_groups
-    group_ids = start + lax.broadcasted_iota(jnp.int32, (block_groups,), 0)
-    in_range = group_ids < groups
-    group_ids = jnp.minimum(group_ids, groups - 1)
-    for slot in range(KEPT_COLUMNS):
-      gathered = xt_ref[columns_ref[slot, group_ids], :]  # (BG, BT)
-      weight = jnp.where(in_range[:, None], weight_ref[slot, group_ids, :], 0)  # (BG, V)
-      acc = acc + lax.dot_general(gathered, weight, (((0,), (0,)), ((), ())),
-                                  preferred_element_type=jnp.float32)
-    return acc
+    slot, group, in_range = _step_rows(first_step + i, block_groups, groups)
+    gathered = xt_ref[columns_ref[slot, group], :]  # (4BG, BT)
+    weight = jnp.where(in_range[:, None], weight_ref[slot, group, :], 0)  # (4BG, V)
+    return acc + lax.dot_general(gathered, weight, (((0,), (0,)), ((), ())),
+                                 precision=_precision(gathered.dtype),
+                                 preferred_element_type=jnp.float32)
 
   acc = lax.fori_loop(0, steps_per_split, step, jnp.zeros((block_tokens, v), jnp.float32))
   out_ref[...] = acc.astype(out_ref.dtype)
@@ -243,11 +264,32 @@ def vnm_matmul_pallas(x: jax.Array, values: jax.Array, meta: jax.Array, columns:
                       m: int, block_tokens: int | None = None, block_groups: int | None = None,
                       k_splits: int | None = None, num_warps: int | None = None,
                       num_stages: int | None = None, interpret: bool = False) -> jax.Array:
-  """``y_blocks = x @ W`` for W in the compressed layout (module docstring), as a Pallas kernel.
+  """``y_blocks = x @ W`` for W in the compressed layout (module docstring).
+
+  Condenses the weight (one XLA elementwise op) and runs
+  :func:`vnm_matmul_pallas_condensed`; arguments and result as for
+  :func:`vnm_matmul_pallas_packed`.
+  """
+  validate_inputs(x, values, meta, columns, m)
+  reason = unsupported_reason(values.shape[-1], x.dtype)
+  if reason is not None:
+    raise ValueError(f"vnm_matmul_pallas cannot take this weight: {reason}.")
+  return _launch(_condensed_kernel, x, (condense(values, meta),), columns, m=m,
+                 block_tokens=block_tokens, block_groups=block_groups, k_splits=k_splits,
+                 num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=_LAUNCH_STATICS)
+def vnm_matmul_pallas_packed(x: jax.Array, values: jax.Array, meta: jax.Array,
+                             columns: jax.Array, *, m: int, block_tokens: int | None = None,
+                             block_groups: int | None = None, k_splits: int | None = None,
+                             num_warps: int | None = None, num_stages: int | None = None,
+                             interpret: bool = False) -> jax.Array:
+  """``y_blocks = x @ W``, expanding the 2:4 step in-kernel from the packed values.
 
   Args:
     x: (T, K) float32, bfloat16 or float16, K <= G*M.
-    values: (R, 2, G, V), x's dtype; V a power of 2 >= 32.
+    values: (R, 2, G, V), x's dtype; V a power of 2 >= 16.
     meta: (R, G, V//2) uint8.
     columns: (R, 4, G) int32, each in [0, G*M).
     m: M of the config (the zero-padded width of x is G*M).
@@ -264,8 +306,8 @@ def vnm_matmul_pallas(x: jax.Array, values: jax.Array, meta: jax.Array, columns:
   validate_inputs(x, values, meta, columns, m)
   reason = unsupported_reason(values.shape[-1], x.dtype)
   if reason is not None:
-    raise ValueError(f"vnm_matmul_pallas cannot take this weight: {reason}.")
-  return _launch(_vnm_kernel, x, (values, meta), columns, m=m, block_tokens=block_tokens,
+    raise ValueError(f"vnm_matmul_pallas_packed cannot take this weight: {reason}.")
+  return _launch(_packed_kernel, x, (values, meta), columns, m=m, block_tokens=block_tokens,
                  block_groups=block_groups, k_splits=k_splits, num_warps=num_warps,
                  num_stages=num_stages, interpret=interpret)
 
@@ -276,14 +318,11 @@ def vnm_matmul_pallas_condensed(x: jax.Array, condensed: jax.Array, columns: jax
                                 block_groups: int | None = None, k_splits: int | None = None,
                                 num_warps: int | None = None, num_stages: int | None = None,
                                 interpret: bool = False) -> jax.Array:
-  """:func:`vnm_matmul_pallas` on a condensed weight (R, 4, G, V) with the 2:4 zeros stored.
+  """``y_blocks = x @ W`` from a condensed weight (R, 4, G, V) with the 2:4 zeros stored.
 
-  The layout alternative the packed kernel is measured against (bench/kernel.py
-  ``--layouts``): one dot per slot and no expansion, but 4/M of the dense weight's
-  bytes to read instead of ~2/M. ``condensed[r, p, g, v]`` multiplies input feature
-  ``columns[r, p, g]`` (``vnm_jax.matmul_xla.condensed_weight`` builds it).
-  V must be a power of 2 >= 16. Other arguments and the result as for
-  :func:`vnm_matmul_pallas`.
+  ``condensed[r, p, g, v]`` multiplies input feature ``columns[r, p, g]``
+  (:func:`pallas_kernels.layout.condense` builds it). V must be a power of 2 >= 16.
+  Other arguments and the result as for :func:`vnm_matmul_pallas_packed`.
   """
   if x.ndim != 2 or condensed.ndim != 4 or condensed.shape[1] != KEPT_COLUMNS:
     raise ValueError(f"x must be (T, K) and condensed (R, 4, G, V), got {x.shape} and "

@@ -11,7 +11,9 @@ import pytest
 from typing import NamedTuple
 
 from pallas_kernels import vnm_matmul as kernel_module
+from pallas_kernels.layout import condense
 from pallas_kernels.vnm_matmul import (choose_blocks, unsupported_reason, vnm_matmul_pallas,
+                                       vnm_matmul_pallas_condensed, vnm_matmul_pallas_packed,
                                        vnm_matmul_reference)
 
 # (tokens, in_features, out_features, config, dtype, permuted, block options)
@@ -22,6 +24,7 @@ CASES = [
     pytest.param(20, 130, 64, "64:2:16", jnp.float32, True, {}, id="v64-m16-f32-permuted"),
     pytest.param(40, 200, 96, "32:2:8", jnp.bfloat16, False,
                  dict(block_tokens=16, block_groups=16, k_splits=3), id="v32-m8-bf16-split-k"),
+    pytest.param(3, 90, 40, "16:2:6", jnp.float32, True, {}, id="v16-m6-f32"),
 ]
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2, jnp.float16: 2e-3}
@@ -107,6 +110,18 @@ class TestPallasVNMMatmul:
     np.testing.assert_allclose(np.asarray(reference, np.float64), expected,
                                rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype] * scale)
 
+  @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+  def test_packed_and_condensed_kernels(self, dtype):
+    x, w = make_problem(19, 150, 128, "64:2:5", dtype, True, seed=4)
+    expected = numpy_matmul_blocks(x, w.values, w.meta, w.columns, w.m)
+    packed = vnm_matmul_pallas_packed(x, w.values, w.meta, w.columns, m=w.m, block_groups=16,
+                                      interpret=self.INTERPRET)
+    condensed = vnm_matmul_pallas_condensed(x, condense(w.values, w.meta), w.columns, m=w.m,
+                                            k_splits=2, interpret=self.INTERPRET)
+    for y in (packed, condensed):
+      np.testing.assert_allclose(np.asarray(y, np.float64), expected, rtol=TOLERANCE[dtype],
+                                 atol=TOLERANCE[dtype] * np.abs(expected).max())
+
   def test_every_output_is_written(self):
     # Ragged tokens and groups (G = 13 is not a multiple of 16): a stale or skipped tile
     # would show up as a wrong row or column.
@@ -126,8 +141,8 @@ class TestPallasVNMMatmul:
       self.run_kernel(x, w, block_tokens=24)
     with pytest.raises(ValueError, match="k_splits must be a positive int"):
       self.run_kernel(x, w, k_splits=0)
-    _, narrow = make_problem(4, 64, 64, "16:2:8", jnp.float32, False)
-    with pytest.raises(ValueError, match="V=16 is not a power of 2 >= 32"):
+    _, narrow = make_problem(4, 64, 64, "8:2:8", jnp.float32, False)
+    with pytest.raises(ValueError, match="V=8 is not a power of 2 >= 16"):
       self.run_kernel(x, narrow)
 
 
@@ -138,7 +153,8 @@ class TestPallasVNMMatmulInterpret(TestPallasVNMMatmul):
 def test_unsupported_reason():
   assert unsupported_reason(64, jnp.bfloat16) is None
   assert "V=48" in unsupported_reason(48, jnp.float32)
-  assert "V=16" in unsupported_reason(16, jnp.float32)
+  assert unsupported_reason(16, jnp.float16) is None
+  assert "V=8" in unsupported_reason(8, jnp.float32)
   assert "float64" in unsupported_reason(64, jnp.float64)
 
 
@@ -146,7 +162,7 @@ def test_choose_blocks_fills_the_gpu_for_decode_shapes():
   block_tokens, block_groups, k_splits = choose_blocks(1, 512, 64)
   assert (block_tokens, block_groups) == (16, 32)
   assert k_splits * 64 >= kernel_module.TARGET_PROGRAMS // 2 and k_splits <= 512 // 32
-  assert choose_blocks(4096, 512, 64)[2] == 1
+  assert choose_blocks(4096, 512, 64) == (128, 16, 1)
 
 
 def test_reference_is_dense_math():
@@ -155,3 +171,14 @@ def test_reference_is_dense_math():
   np.testing.assert_allclose(
       np.asarray(vnm_matmul_reference(x, w.values, w.meta, w.columns, m=w.m)),
       expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", ["condensed", "packed"])
+def test_lowers_to_a_triton_call_for_gpu(kernel):
+  # Lowering for CUDA runs on any machine: it catches what the Triton lowering rejects
+  # (non-power-of-2 tiles, unsupported indexing) without a GPU.
+  x, w = make_problem(40, 300, 128, "64:2:5", jnp.bfloat16, False)
+  fn = vnm_matmul_pallas if kernel == "condensed" else vnm_matmul_pallas_packed
+  lowered = jax.jit(lambda x, values, meta, columns: fn(x, values, meta, columns, m=w.m)).trace(
+      x, w.values, w.meta, w.columns).lower(lowering_platforms=("cuda",))
+  assert "__gpu$xla.gpu.triton" in lowered.as_text()

@@ -149,6 +149,12 @@ def _field(reader, key: str, default=None):
   return field.contents()
 
 
+def _float32_field(reader, key: str, default=None) -> float:
+  # Metadata floats are float32: take the shortest decimal that rounds to it (1e-5, not
+  # 9.99999974e-06), so configs compare equal to the ones written.
+  return float(str(np.float32(_field(reader, key, default))))
+
+
 def read_llama_config(reader) -> LlamaConfig:
   """The `LlamaConfig` described by a GGUF file's metadata.
 
@@ -162,15 +168,15 @@ def read_llama_config(reader) -> LlamaConfig:
   num_heads = int(_field(reader, "llama.attention.head_count"))
   tensor_names = {tensor.name for tensor in reader.tensors}
   return LlamaConfig(
-      vocab_size=len(reader.fields["tokenizer.ggml.tokens"].data),
+      vocab_size=len(_field(reader, "tokenizer.ggml.tokens")),
       hidden_size=hidden,
       intermediate_size=int(_field(reader, "llama.feed_forward_length")),
       num_layers=int(_field(reader, "llama.block_count")),
       num_heads=num_heads,
       num_kv_heads=int(_field(reader, "llama.attention.head_count_kv", num_heads)),
       head_dim=int(_field(reader, "llama.rope.dimension_count", hidden // num_heads)),
-      rope_base=float(_field(reader, "llama.rope.freq_base", 10000.0)),
-      rms_norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon")),
+      rope_base=_float32_field(reader, "llama.rope.freq_base", 10000.0),
+      rms_norm_eps=_float32_field(reader, "llama.attention.layer_norm_rms_epsilon"),
       tie_embeddings="output.weight" not in tensor_names,
   )
 
@@ -214,9 +220,9 @@ def load_tokenizer(reader):
                                 for i, kind in enumerate(token_types)
                                 if kind == _TOKEN_TYPE_CONTROL])
   if bool(_field(reader, "tokenizer.ggml.add_bos_token", False)):
-    bos = tokens[int(_field(reader, "tokenizer.ggml.bos_token_id"))]
+    bos_id = int(_field(reader, "tokenizer.ggml.bos_token_id"))
     tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", special_tokens=[(bos, tokens.index(bos))])
+        single=f"{tokens[bos_id]} $A", special_tokens=[(tokens[bos_id], bos_id)])
   return tokenizer
 
 
@@ -323,7 +329,7 @@ def load_llama(path: str | os.PathLike, *, dtype=jnp.float32):
     if tuple(array.shape) != tuple(variable.shape):
       raise ValueError(f"GGUF tensor {name} gives shape {array.shape} for {param_path}, "
                        f"expected {tuple(variable.shape)}")
-    variable.value = jnp.asarray(array, dtype)
+    variable.set_value(jnp.asarray(array, dtype))
   return model, load_tokenizer(reader)
 
 

@@ -2,12 +2,12 @@
 
 One public op with two implementations:
 
-- ``"pallas"``: the Pallas kernel of :mod:`pallas_kernels.vnm_matmul` (Triton on a
+- ``"pallas"``: :func:`pallas_kernels.vnm_matmul.vnm_matmul_pallas` (Triton on a
   GPU; the Pallas interpreter on a machine without one: correct, slow, for tests);
 - ``"xla"``: :mod:`vnm_jax.matmul_xla`, the reference and the fallback that always works.
 
 ``implementation=None`` picks Pallas on a GPU and XLA elsewhere. When the Pallas
-kernel cannot take a weight (V not a power of 2 >= 32, or a dtype it does not
+kernel cannot take a weight (V not a power of 2 >= 16, or a dtype it does not
 support) the op logs a warning on the ``vnm_jax.matmul`` logger and runs XLA.
 
 Both are differentiable for x and for ``w.values`` (a ``custom_vjp`` whose backward

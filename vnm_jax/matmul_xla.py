@@ -22,31 +22,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-KEPT_COLUMNS = 4
+from pallas_kernels.layout import KEPT_COLUMNS, condense, positions_of
 # Row blocks per lax.map step on CPU (tuned in bench/kernel.py --tune-xla).
-DEFAULT_BLOCKS_PER_STEP = 4
-
-
-def positions_of(meta: jax.Array, v: int) -> tuple[jax.Array, jax.Array]:
-  """meta (..., G, H) uint8 -> (pos0, pos1), each (..., G, V) int32 in 0..3."""
-  nibbles = jnp.concatenate([meta & 15, meta >> 4], axis=-1)[..., :v].astype(jnp.int32)
-  return nibbles & 3, nibbles >> 2
-
-
-def condensed_weight(values: jax.Array, meta: jax.Array) -> jax.Array:
-  """The condensed weight with the 2:4 zeros: (..., 2, G, V) values -> (..., 4, G, V).
-
-  ``out[..., p, g, v]`` multiplies input feature ``columns[..., p, g]``.
-  """
-  pos0, pos1 = positions_of(meta, values.shape[-1])
-  # One broadcast select over the slot axis: XLA fuses it into a single loop, where
-  # stacking 4 per-slot selects ran 3-4x slower on CPU.
-  slot_bit = 1 << jnp.arange(KEPT_COLUMNS, dtype=jnp.int32).reshape(KEPT_COLUMNS, 1, 1)
-  first_bit = (1 << pos0)[..., None, :, :]
-  second_bit = (1 << pos1)[..., None, :, :]
-  zero = jnp.zeros((), values.dtype)
-  return jnp.where((first_bit & slot_bit) != 0, values[..., 0:1, :, :],
-                   jnp.where((second_bit & slot_bit) != 0, values[..., 1:2, :, :], zero))
+DEFAULT_BLOCKS_PER_STEP = 2
 
 
 def _contract_first(a: jax.Array, b: jax.Array, dtype) -> jax.Array:
@@ -73,7 +51,7 @@ def matmul_blocks(x_pad: jax.Array, values: jax.Array, meta: jax.Array, columns:
 
   def one_block(block):
     block_values, block_meta, block_columns = block
-    weight = condensed_weight(block_values, block_meta).reshape(KEPT_COLUMNS * groups, v)
+    weight = condense(block_values, block_meta).reshape(KEPT_COLUMNS * groups, v)
     gathered = xt.at[block_columns.reshape(-1)].get(mode="promise_in_bounds")  # (4G, T)
     return _contract_first(weight, gathered, x_pad.dtype)  # (V, T)
 
@@ -117,7 +95,7 @@ def matmul_blocks_vjp(x_pad: jax.Array, values: jax.Array, meta: jax.Array, colu
     pos0, pos1 = positions_of(block_meta, v)
     value_grad = jnp.stack([jnp.take_along_axis(weight_grad, pos[None], axis=0)[0]
                             for pos in (pos0, pos1)])  # (2, G, V)
-    weight = condensed_weight(block_values, block_meta).reshape(KEPT_COLUMNS * groups, v)
+    weight = condense(block_values, block_meta).reshape(KEPT_COLUMNS * groups, v)
     gathered_grad = lax.dot_general(weight, block_dyt, (((1,), (0,)), ((), ())),
                                     preferred_element_type=jnp.float32)  # (4G, T)
     return value_grad, gathered_grad

@@ -43,11 +43,11 @@ class ViTConfig:
   patch_size: int = 2
   channels: int = 1
   num_classes: int = 10
-  dim: int = 128
+  dim: int = 64
   depth: int = 4
   num_heads: int = 4
-  mlp_dim: int = 512
-  dropout: float = 0.1
+  mlp_dim: int = 256
+  dropout: float = 0.0
 
   def __post_init__(self):
     for name in ("image_size", "patch_size", "channels", "num_classes", "dim", "depth",
