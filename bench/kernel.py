@@ -68,7 +68,7 @@ def markdown_table(records: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def run_sweep(shapes, tokens, configs, *, dtype, implementation, repeats,
+def run_sweep(shapes, tokens, configs, *, dtype, implementation, repeats, calls_per_run=None,
               save=lambda records: None) -> list[dict]:
   """measure_matmul_speedup over the cross product; one record dict per point.
 
@@ -85,7 +85,7 @@ def run_sweep(shapes, tokens, configs, *, dtype, implementation, repeats,
     for t in tokens:
       timing = measure_matmul_speedup(k, n, t, config, dtype=dtype,
                                       implementation=implementation, repeats=repeats,
-                                      weight=weight)
+                                      calls_per_run=calls_per_run, weight=weight)
       record = timing.as_dict()
       records.append(record)
       save(records)
@@ -206,7 +206,7 @@ def main(argv=None) -> list[dict]:
                       help="V:N:M path (default: Pallas on a GPU, XLA elsewhere)")
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--calls-per-run", type=int, default=None,
-                      help="matmuls per timed call for --layouts/--tune (default 16 on GPU, 1 else)")
+                      help="matmuls per timed call, each on its own x (default 16 on GPU, 1 else)")
   parser.add_argument("--layouts", action="store_true", help="compare the Pallas weight layouts")
   parser.add_argument("--tune", action="store_true", help="time the kernel's block sizes")
   parser.add_argument("--tune-xla", action="store_true",
@@ -245,7 +245,8 @@ def main(argv=None) -> list[dict]:
         json.dump({"device": device, "argv": argv, "records": records}, f, indent=1)
 
     records = run_sweep(shapes, args.tokens, args.configs, dtype=dtype,
-                        implementation=args.implementation, repeats=args.repeats, save=save)
+                        implementation=args.implementation, repeats=args.repeats,
+                        calls_per_run=calls_per_run, save=save)
     print(markdown_table(records))
     return records
   with open(os.path.join(args.out_dir, f"{name}.json"), "w") as f:

@@ -12,6 +12,7 @@ from safetensors.numpy import load_file
 from train import llm
 from vnm_jax import gguf as vnm_gguf
 from vnm_jax.config import VNMConfig
+from vnm_jax.layers import VNMLinear
 from vnm_jax.masks import is_vnm
 from vnm_jax.models.llama import Llama, LlamaConfig, generate_greedy, prunable_kernel_paths
 from vnm_jax.permutation import Permutation, permute
@@ -94,6 +95,22 @@ def test_one_shot_masks_match_numpy_reference(setup, score):
                                   err_msg=f"{score} {path}")
 
 
+def test_permuted_one_shot_masks_keep_more_score(setup):
+  model, _, _, norms = setup
+  path = "layers/0/mlp/up_proj/kernel"
+  scores = {path: llm.kernel_scores(nnx.state(model), "wanda", norms)[path]}
+  permutations = llm.search_permutations(scores, CONFIG, seconds_per_kernel=0.5)
+  permutation = permutations[path]
+  s = np.asarray(scores[path], np.float64)
+  plain = column_l1_mask(s, CONFIG.v, CONFIG.m)
+  permuted = column_l1_mask(np.asarray(permute(s, permutation)), CONFIG.v, CONFIG.m)
+  assert s[plain].sum() < np.asarray(permute(s, permutation))[permuted].sum()
+  mask = np.asarray(llm.tree_masks({path: scores[path]}, CONFIG, filter=llm.PRUNABLE,
+                                   scores={path: scores[path]}, permutations=permutations)[path])
+  assert is_vnm(mask, CONFIG, permutation=permutation)
+  np.testing.assert_array_equal(np.asarray(permute(mask, permutation)), permuted)
+
+
 def test_reparametrisation_is_exact_and_stored_magnitude_is_wanda(setup):
   model, _, _, norms = setup
   params = nnx.state(model)
@@ -148,7 +165,7 @@ def test_compressed_model_equals_masked_model(setup, lora_run):
   result, permutations = lora_run
   merged = nnx.merge(nnx.graphdef(model), result.params)
   compressed = llm.compress_llama(merged, CONFIG, result.masks, permutations)
-  layers = [m for _, m in nnx.iter_graph(compressed) if isinstance(m, llm.CompressedLinear)]
+  layers = [m for _, m in nnx.iter_graph(compressed) if isinstance(m, VNMLinear)]
   assert len(layers) == len(prunable_kernel_paths(TINY))
   check = llm.compression_check(merged, compressed, tokens[None, :40])
   assert check["max_abs_diff"] <= 1e-5 * max(1.0, check["max_abs_logit"])

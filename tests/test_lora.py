@@ -1,5 +1,7 @@
 """LoRA adapters, the three-stage sparse LoRA schedule and the sparsity-keeping merge."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -224,7 +226,7 @@ def test_fixed_mask_lora_from_given_masks_and_nnx_state():
   assert int(state.stage) == 3
   x = jax.random.normal(jax.random.key(0), (8, 24))
 
-  @jax.jit
+  @functools.partial(jax.jit, donate_argnums=(1, 2))  # the state owns its buffers
   def step(base, adapters, state):
     grads = jax.grad(lambda ad: jnp.mean(
         nnx.merge(graphdef, lora_params(base, ad, state))(x) ** 2))(adapters)
@@ -272,6 +274,12 @@ def test_bad_input_raises_clear_errors():
     three_stage_lora(optax.sgd(1.0), configs, total_steps=10, dense_steps=6, dynamic_steps=6)
   with pytest.raises(ValueError, match="both dense_steps and dynamic_steps"):
     three_stage_lora(optax.sgd(1.0), configs, total_steps=10, dense_steps=3)
+  masks = jax.tree_util.tree_map(lambda c, w: None if c is None else vnm_mask(w, c), configs,
+                                 base, is_leaf=lambda x: x is None)
+  masks["dense2"]["kernel"] = None
+  with pytest.raises(ValueError, match=r"masks\['dense2'\]\['kernel'\] must be given exactly"):
+    three_stage_lora(optax.sgd(1.0), configs, total_steps=10, dense_steps=0, dynamic_steps=0,
+                     masks=masks).init(adapters)
   only_first = init_lora(jax.random.key(0), base, filter="dense1/kernel$")
   with pytest.raises(ValueError, match=r"configs\['dense2'\]\['kernel'\] = 8:2:6 but adapters"):
     tx.init(only_first)

@@ -1,5 +1,7 @@
 """Fixed-mask and SR-STE optax transformations against hand-computed references."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -234,7 +236,7 @@ def test_transforms_work_on_nnx_state():
     state = tx.init(params)
     assert isinstance(state, (SRSTEState, FixedMaskState))
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=(1,))  # the state owns its buffers
     def step(p, state):
       grads = jax.grad(lambda p: loss(sparse_params(p, state)))(p)
       updates, state = tx.update(grads, state, p)

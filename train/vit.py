@@ -179,7 +179,8 @@ def train(graphdef: nnx.GraphDef, params: Any, data: DigitsSplit, config: TrainC
     return optax.apply_updates(params, updates), opt_state, loss
 
   order_rng = np.random.default_rng(config.seed)
-  key = jax.random.key(config.seed)
+  # "rbg" keys: XLA's CPU compiler takes seconds per threefry-based dropout layer.
+  key = jax.random.key(config.seed, impl="rbg")
   epoch_losses = []
   bar = tqdm(range(config.epochs), desc=description, disable=not progress, leave=False)
   for _ in bar:

@@ -49,7 +49,8 @@ class CheckpointError(ValueError):
 
 
 def _is_key(x) -> bool:
-  return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
+  dtype = getattr(x, "dtype", None)
+  return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
 
 
 def _dtype_name(x) -> str:
@@ -158,7 +159,8 @@ class Checkpointer:
           step, args=ocp.args.Composite(manifest=ocp.args.JsonRestore()))["manifest"]
     except Exception as error:  # orbax raises many types for unreadable files
       raise CheckpointError(f"checkpoint step {step} in {self.directory} is damaged: its "
-                            f"manifest cannot be read ({type(error).__name__}: {error}).") from error
+                            f"manifest cannot be read ({type(error).__name__}: {error}).") \
+          from error
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
       raise CheckpointError(f"checkpoint step {step} in {self.directory} has no "
                             f"{MANIFEST_FORMAT} manifest; it was not written by "

@@ -51,7 +51,8 @@ class VNMLinear(nnx.Module):
 
   Attributes:
     values: ``nnx.Param`` (R, 2, G, V), the stored kernel values (trainable).
-    meta, columns, output_index: :class:`VNMIndex` (output_index may hold None).
+    meta, columns: :class:`VNMIndex`; output_index: :class:`VNMIndex` or None (no
+      output permutation).
     bias: ``nnx.Param`` (N,) or None.
     shape: (in_features, out_features); config: the VNMConfig.
     dtype: the computation dtype (x and the values are cast to it), or None for x's.
@@ -68,7 +69,8 @@ class VNMLinear(nnx.Module):
     self.values = nnx.Param(weight.values)
     self.meta = VNMIndex(weight.meta)
     self.columns = VNMIndex(weight.columns)
-    self.output_index = VNMIndex(weight.output_index)
+    self.output_index = (None if weight.output_index is None
+                         else VNMIndex(weight.output_index))
     self.bias = None if bias is None else nnx.Param(jnp.asarray(bias))
     self.shape = weight.shape
     self.config = weight.config
@@ -86,15 +88,16 @@ class VNMLinear(nnx.Module):
     """
     if not isinstance(linear, nnx.Linear):
       raise TypeError(f"linear must be an nnx.Linear, got {type(linear).__name__}.")
-    weight = compress(linear.kernel.value, config, mask=mask, permutation=permutation)
-    bias = None if linear.bias is None else linear.bias.value
+    weight = compress(linear.kernel[...], config, mask=mask, permutation=permutation)
+    bias = None if linear.bias is None else linear.bias[...]
     return cls(weight, bias, dtype=linear.dtype, implementation=implementation)
 
   @property
   def weight(self) -> VNMWeight:
     """The layer's kernel as a :class:`VNMWeight`."""
-    return VNMWeight(self.values.value, self.meta.value, self.columns.value,
-                     self.output_index.value, self.shape, self.config)
+    output_index = None if self.output_index is None else self.output_index[...]
+    return VNMWeight(self.values[...], self.meta[...], self.columns[...], output_index,
+                     self.shape, self.config)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: (..., in_features) -> (..., out_features)."""
@@ -102,7 +105,7 @@ class VNMLinear(nnx.Module):
       x = x.astype(self.dtype)
     y = vnm_matmul(x, self.weight, implementation=self.implementation)
     if self.bias is not None:
-      y = y + self.bias.value.astype(y.dtype)
+      y = y + self.bias[...].astype(y.dtype)
     return y
 
 
@@ -216,65 +219,62 @@ def _lookup(mapping, path: str, kind):
 
 
 def _convert_nnx(model: nnx.Module, masks: dict, config, permutations, implementation):
-  parents = dict(nnx.iter_modules(model))
-  converted = []
-  for path, module in list(nnx.iter_modules(model)):
-    if not isinstance(module, nnx.Linear):
-      continue
-    kernel_path = "/".join(str(p) for p in (*path, "kernel"))
-    if kernel_path not in masks:
-      continue
-    if not path:
-      raise ValueError("model is itself an nnx.Linear; use VNMLinear.from_linear.")
-    layer = VNMLinear.from_linear(module, _config_for(config, kernel_path),
-                                  mask=masks[kernel_path],
+  modules = dict(nnx.iter_modules(model))
+  linears = {"/".join(str(p) for p in (*path, "kernel")): path
+             for path, module in modules.items() if isinstance(module, nnx.Linear)}
+  _check_all_found(masks, linears)
+  if () in [linears[kernel_path] for kernel_path in masks]:
+    raise ValueError("model is itself an nnx.Linear; use VNMLinear.from_linear.")
+  for kernel_path, mask in masks.items():
+    path = linears[kernel_path]
+    layer = VNMLinear.from_linear(modules[path], _config_for(config, kernel_path), mask=mask,
                                   permutation=_lookup(permutations, kernel_path, "permutations"),
                                   implementation=implementation)
-    parent = parents[path[:-1]]
+    parent = modules[path[:-1]]
     if isinstance(path[-1], int):
       parent[path[-1]] = layer
     else:
       setattr(parent, path[-1], layer)
-    converted.append(kernel_path)
-  return converted
+
+
+def _check_all_found(masks: dict, kernel_paths) -> None:
+  missing = sorted(set(masks) - set(kernel_paths))
+  if missing:
+    raise ValueError(f"masks has entries for {missing}, which are not kernels of "
+                     f"nnx.Linear/nn.Dense layers of the model; its kernels are "
+                     f"{sorted(kernel_paths)}.")
 
 
 def _convert_linen(variables: dict, masks: dict, config, permutations):
   """Rewrites ``variables`` (a private copy of its dicts) for the VNMDense model."""
   params = variables[_LINEN_PARAMS] if _LINEN_PARAMS in variables else variables
-  new_params = params
+  dense_kernels = {path_str(key_path): leaf
+                   for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+                   if path_str(key_path).split("/")[-1] == "kernel"}
+  _check_all_found(masks, dense_kernels)
   index_tree: dict = {}
-  converted = []
   for kernel_path, mask in masks.items():
-    *scope, leaf_name = kernel_path.split("/")
-    node = new_params
-    for name in scope:
-      if not isinstance(node, Mapping) or name not in node:
-        raise ValueError(f"masks has {kernel_path!r}, which is not a path of params.")
-      node = node[name]
-    if leaf_name != "kernel" or "kernel" not in node:
-      raise ValueError(f"masks has {kernel_path!r}: convert_to_vnm converts Dense kernels "
-                       f"(paths ending in 'kernel').")
-    kernel = node["kernel"]
+    *scope, _ = kernel_path.split("/")
+    kernel = dense_kernels[kernel_path]
     if jnp.ndim(kernel) != 2:
       raise ValueError(f"{kernel_path!r} has shape {jnp.shape(kernel)}; VNMDense takes 2D "
                        f"(in, out) kernels.")
+    parent = params
+    for name in scope[:-1]:
+      parent = parent[name]
+    node = parent[scope[-1]]
     dense = VNMDense.variables_from_dense(
         kernel, node.get("bias"), _config_for(config, kernel_path), mask=mask,
         permutation=_lookup(permutations, kernel_path, "permutations"))
-    parent = new_params
-    for name in scope[:-1]:
-      parent = parent[name]
-    replaced = {key: value for key, value in node.items() if key not in ("kernel", "bias")}
-    parent[scope[-1]] = {**replaced, **dense[_LINEN_PARAMS]}
+    kept = {key: value for key, value in node.items() if key not in ("kernel", "bias")}
+    parent[scope[-1]] = {**kept, **dense[_LINEN_PARAMS]}
     target = index_tree
     for name in scope:
       target = target.setdefault(name, {})
     target.update(dense[VNM_COLLECTION])
-    converted.append(kernel_path)
-  others = {key: value for key, value in variables.items() if key != _LINEN_PARAMS} \
-      if _LINEN_PARAMS in variables else {}
-  return {**others, _LINEN_PARAMS: new_params, VNM_COLLECTION: index_tree}, converted
+  others = ({key: value for key, value in variables.items() if key != _LINEN_PARAMS}
+            if _LINEN_PARAMS in variables else {})
+  return {**others, _LINEN_PARAMS: params, VNM_COLLECTION: index_tree}
 
 
 def _deep_copy_dicts(tree):
@@ -309,23 +309,17 @@ def convert_to_vnm(model_or_variables, masks, config: VNMConfig | str | Mapping[
     are in the "vnm" collection; other collections are kept.
 
   Raises:
-    ValueError: a mask matches no Linear/Dense kernel of the model, or is not V:N:M.
+    ValueError: a mask matches no Linear/Dense kernel of the model (nothing is changed
+      then), or is not V:N:M.
   """
   _check_implementation(implementation)
   masks = _masks_by_path(masks)
   if not masks:
     raise ValueError("masks holds no mask: nothing to convert.")
   if isinstance(model_or_variables, nnx.Module):
-    converted = _convert_nnx(model_or_variables, masks, config, permutations, implementation)
-    result = model_or_variables
-  elif isinstance(model_or_variables, Mapping):
-    result, converted = _convert_linen(_deep_copy_dicts(model_or_variables), masks, config,
-                                       permutations)
-  else:
-    raise TypeError(f"model_or_variables must be an nnx.Module or a linen variables dict, got "
-                    f"{type(model_or_variables).__name__}.")
-  missing = sorted(set(masks) - set(converted))
-  if missing:
-    raise ValueError(f"masks has entries for {missing}, which are not kernels of "
-                     f"nnx.Linear/nn.Dense layers of the model.")
-  return result
+    _convert_nnx(model_or_variables, masks, config, permutations, implementation)
+    return model_or_variables
+  if isinstance(model_or_variables, Mapping):
+    return _convert_linen(_deep_copy_dicts(model_or_variables), masks, config, permutations)
+  raise TypeError(f"model_or_variables must be an nnx.Module or a linen variables dict, got "
+                  f"{type(model_or_variables).__name__}.")

@@ -43,6 +43,14 @@ Intended use (linen dict or ``nnx.State`` alike)::
 
 With nnx: ``graphdef, base = nnx.split(model, nnx.Param)`` and the forward is
 ``nnx.merge(graphdef, lora_params(base, adapters, opt_state))(x)``.
+
+A fixed-mask LoRA run (e.g. from a Wanda or permuted one-shot mask) is
+``three_stage_lora(..., dense_steps=0, dynamic_steps=0, masks=masks)``.
+
+Under a ``jax.sharding.Mesh`` (Auto axes): the stage-1 masks that ``init`` makes
+are plain all-ones arrays; place the state like the base (each mask like its
+kernel), e.g. ``jax.device_put(opt_state, shardings)``, so that the jitted step
+keeps them sharded (see tests/test_sharding.py).
 """
 
 from __future__ import annotations
@@ -290,16 +298,21 @@ def three_stage_lora(inner: optax.GradientTransformation, configs: PyTree, *,
       first = _flatten_like(configs, masks, "masks", is_leaf=_is_none)
       for path, config, adapter, mask in zip(paths, config_leaves, adapter_leaves, first):
         if (config is None) != (mask is None):
+          given = "None" if mask is None else "an array"
           raise ValueError(f"masks{path} must be given exactly where configs{path} is a "
-                           f"VNMConfig (config {config}, mask {'None' if mask is None else 'set'}).")
+                           f"VNMConfig (config {config}, mask {given}).")
         if mask is not None and (mask.dtype != jnp.bool_ or
                                  mask.shape != (adapter.a.shape[0], adapter.b.shape[1])):
           raise ValueError(f"masks{path} must be a bool array of the kernel's shape "
                            f"{(adapter.a.shape[0], adapter.b.shape[1])}, got {mask.dtype} "
                            f"{mask.shape}.")
-    zero = jnp.zeros((), jnp.int32)
-    return ThreeStageLoRAState(step=zero, stage=stage_of(zero), masks=treedef.unflatten(first),
-                               mask_changes=zero, flip_rate=jnp.zeros((), jnp.float32),
+      # Own copies: a train step that donates the state must not delete the caller's masks.
+      first = [None if m is None else jnp.copy(m) for m in first]
+    # Separate buffers for every scalar: a donating train step must not see one twice.
+    step = jnp.zeros((), jnp.int32)
+    return ThreeStageLoRAState(step=step, stage=stage_of(step), masks=treedef.unflatten(first),
+                               mask_changes=jnp.zeros((), jnp.int32),
+                               flip_rate=jnp.zeros((), jnp.float32),
                                inner_state=inner.init(adapters))
 
   def update_fn(grads, state, params=None, *, base=None, **extra_args):

@@ -5,15 +5,18 @@ layout): ``values`` (R, 2, G, V), ``meta`` (R, G, H) uint8, ``columns`` (R, 4, G
 int32, and x zero-padded to G*M features. The result is ``y_blocks`` (T, R*V): the
 outputs in row-block order, before the output permutation is undone.
 
-Formulation (fastest measured on CPU, see bench/RESULTS.md): a ``lax.map`` over
-chunks of row blocks; for each block, gather the 4*G kept input features of x
-(x transposed, so each gathered feature is one contiguous row of tokens), expand
+Formulation (the fastest of those measured on CPU; bench/RESULTS.md): a ``lax.map``
+over chunks of 2 row blocks; for each block, gather the 4*G kept input features of
+x (x transposed, so each gathered feature is one contiguous row of tokens), expand
 the block's condensed weight (4*G, V) from its 2 stored values per row and group
-and their 2-bit positions, and run one dense dot. Executed multiply-adds are 4/M of
-dense. A chunk of blocks is small enough that its gathered x and expanded weight
-stay in cache; a single batched contraction over all blocks materialises both in
-full and is slower, and gathering x per stored value instead of per kept column
-(no 2:4 zeros) is slower still.
+and their 2-bit positions (:func:`pallas_kernels.layout.condense`), and run one
+dense dot. Executed multiply-adds are 4/M of dense. A chunk is small enough that
+its gathered x and expanded weight stay in cache. Gathering columns of the
+untransposed x measured 1.8x slower; stacking 4 per-slot selects to expand the
+weight, 3-4x slower than :func:`~pallas_kernels.layout.condense`'s one broadcast
+select. Blocks per step (1-8) and condensing all blocks up front moved the time by
+less than the run-to-run noise of the shared CPU these were measured on;
+``bench/kernel.py --tune-xla`` re-measures the former.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.layout import KEPT_COLUMNS, condense, positions_of
+
 # Row blocks per lax.map step on CPU (tuned in bench/kernel.py --tune-xla).
 DEFAULT_BLOCKS_PER_STEP = 2
 

@@ -15,30 +15,45 @@ Sparse leaves are Flax kernels (in_features, out_features); see
 
 Fixed mask (mask computed once, e.g. after one-shot pruning with permutation)::
 
+    masks = vnm_jax.trees.tree_masks(params, "64:2:8")   # or with scores/permutations
     tx = fixed_mask(optax.adamw(1e-4, weight_decay=0.05), masks)
     opt_state = tx.init(params)
+    params = sparse_params(params, opt_state)   # prune once; every update keeps it pruned
 
     @jax.jit
     def train_step(params, opt_state, batch):
-      def loss_fn(params):
-        return loss(model.apply(sparse_params(params, opt_state), batch))
-      loss_value, grads = jax.value_and_grad(loss_fn)(params)
+      loss_value, grads = jax.value_and_grad(loss_fn)(params, batch)
       updates, opt_state = tx.update(grads, opt_state, params)
       return optax.apply_updates(params, updates), opt_state, loss_value
 
 After every update the pruned entries of ``params`` are exactly zero, whatever
 the inner optimizer does (Adam moments, decoupled weight decay, ...).
 
-SR-STE (dynamic mask, dense weights kept): the same train step with
-``tx = sr_ste(optax.adamw(...), configs, update_every=1)``. Inside the loss,
-``sparse_params(params, opt_state)`` gives ``W * mask`` with a straight-through
-gradient to the dense ``W``; the update adds ``decay * (1 - mask) * W`` to the
-gradient and recomputes the mask every ``update_every`` steps inside the jitted
-update. At the end, ``sparse_params(params, opt_state)`` (outside ``grad``) is
-the pruned model.
+SR-STE (dynamic mask, dense weights kept)::
 
-To switch optimizers between stages, carry the masks over:
+    configs = vnm_jax.trees.tree_configs(params, "64:2:8")
+    tx = sr_ste(optax.adamw(5e-4, weight_decay=0.05), configs, update_every=1)
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def train_step(params, opt_state, batch):
+      def loss_fn(params):
+        return loss(model.apply(sparse_params(params, opt_state), batch))  # W * mask
+      loss_value, grads = jax.value_and_grad(loss_fn)(params)   # straight-through to W
+      updates, opt_state = tx.update(grads, opt_state, params)  # + decay term, new mask
+      return optax.apply_updates(params, updates), opt_state, loss_value
+
+    pruned = sparse_params(params, opt_state)   # at the end: the V:N:M model
+
+``opt_state.mask_changes`` and ``opt_state.flip_rate`` are for logging. To switch
+optimizers between stages, carry the masks over:
 ``fixed_mask(new_inner, sparse_masks(old_state))``.
+
+Under a ``jax.sharding.Mesh`` (Auto axes) nothing changes: call ``init`` on the
+sharded params outside jit (or jit it with ``out_shardings``) so the masks take
+their kernels' shardings; the mask computation inside the jitted update is then
+partitioned like the kernels (no communication when every shard holds whole
+V x M blocks). See tests/test_sharding.py.
 """
 
 from __future__ import annotations
@@ -256,6 +271,8 @@ def fixed_mask(inner: optax.GradientTransformation,
   def init_fn(params):
     tree = masks(params) if callable(masks) else masks
     entries = _check_masks(tree, params)
+    # Own copies: a train step that donates the state must not delete the caller's masks.
+    entries = [None if m is None else jnp.copy(m) for m in entries]
     return FixedMaskState(masks=jax.tree_util.tree_structure(params).unflatten(entries),
                           inner_state=inner.init(params))
 

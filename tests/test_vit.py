@@ -1,0 +1,265 @@
+"""Tests of the digits data, the ViT model and its dense training recipe (tiny sizes)."""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from train import vit as vit_recipe
+from vnm_jax import digits
+from vnm_jax.models import vit
+
+TINY = vit.ViTConfig(dim=16, depth=2, num_heads=2, mlp_dim=32)
+
+
+# ----------------------------------------------------------------------------- data
+
+@pytest.fixture(scope="module")
+def split():
+  return digits.load_digits_split()
+
+
+def test_split_sizes_dtypes_and_range(split):
+  assert split.train_images.shape == (1437, 8, 8, 1)
+  assert split.test_images.shape == (360, 8, 8, 1)
+  assert split.train_labels.shape == (1437,) and split.test_labels.shape == (360,)
+  assert split.train_images.dtype == np.float32 and split.train_labels.dtype == np.int32
+  for images in (split.train_images, split.test_images):
+    assert images.min() == 0.0 and images.max() == 1.0
+
+
+def test_split_is_a_partition_of_all_digits(split):
+  from sklearn.datasets import load_digits
+  raw = load_digits()
+  all_rows = sorted(
+      (tuple((raw.images[i] / 16).astype(np.float32).ravel()), int(raw.target[i]))
+      for i in range(len(raw.target)))
+  split_rows = sorted(
+      [(tuple(x.ravel()), int(y)) for x, y in zip(split.train_images, split.train_labels)]
+      + [(tuple(x.ravel()), int(y)) for x, y in zip(split.test_images, split.test_labels)])
+  assert split_rows == all_rows
+
+
+def test_split_is_stratified_and_deterministic(split):
+  from sklearn.datasets import load_digits
+  totals = np.bincount(load_digits().target, minlength=10)
+  test_counts = np.bincount(split.test_labels, minlength=10)
+  np.testing.assert_allclose(test_counts, totals * 360 / 1797, atol=1.0)
+  again = digits.load_digits_split()
+  np.testing.assert_array_equal(again.test_images, split.test_images)
+  np.testing.assert_array_equal(again.train_labels, split.train_labels)
+  other = digits.load_digits_split(seed=1)
+  assert not np.array_equal(other.test_labels, split.test_labels)
+
+
+@pytest.mark.parametrize("bad, error", [(0, ValueError), (1790, ValueError), (0.2, TypeError),
+                                        (True, TypeError)])
+def test_split_rejects_bad_test_size(bad, error):
+  with pytest.raises(error, match="test_size"):
+    digits.load_digits_split(test_size=bad)
+
+
+def test_iterate_batches_covers_each_image_once_per_epoch():
+  images = np.arange(10, dtype=np.float32)[:, None]
+  labels = np.arange(10)
+  batches = list(digits.iterate_batches(images, labels, 3, np.random.default_rng(0)))
+  assert [len(x) for x, _ in batches] == [3, 3, 3]
+  seen = np.concatenate([y for _, y in batches])
+  assert len(set(seen.tolist())) == 9
+  for x, y in batches:
+    np.testing.assert_array_equal(x[:, 0], y)
+
+
+@pytest.mark.parametrize("batch_size", [0, 11])
+def test_iterate_batches_rejects_bad_batch_size(batch_size):
+  with pytest.raises(ValueError, match="batch_size"):
+    list(digits.iterate_batches(np.zeros((10, 2)), np.zeros(10), batch_size,
+                                np.random.default_rng(0)))
+
+
+# ----------------------------------------------------------------------------- model
+
+def test_patchify_matches_loop():
+  images = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype(np.float32)
+  patches = np.asarray(vit.patchify(jnp.asarray(images), 2))
+  expected = np.zeros((2, 16, 12), np.float32)
+  for b in range(2):
+    for row in range(4):
+      for col in range(4):
+        expected[b, row * 4 + col] = images[b, 2 * row:2 * row + 2, 2 * col:2 * col + 2].ravel()
+  np.testing.assert_array_equal(patches, expected)
+
+
+def test_sincos_position_embedding_formula():
+  grid, dim = 3, 8  # dim // 4 = 2 frequencies: 1 and 1 / 10000 ** (1 / 2)
+  table = vit.sincos_position_embedding(grid, dim)
+  assert table.shape == (1, 1 + grid * grid, dim)
+  np.testing.assert_array_equal(table[0, 0], 0.0)
+  frequencies = (1.0, 0.01)
+  for row in range(grid):
+    for col in range(grid):
+      expected = ([math.sin(row * f) for f in frequencies] + [math.cos(row * f) for f in frequencies]
+                  + [math.sin(col * f) for f in frequencies] + [math.cos(col * f) for f in frequencies])
+      np.testing.assert_allclose(table[0, 1 + row * grid + col], expected, rtol=1e-6, atol=1e-7)
+
+
+def _reference_forward(model: vit.ViT, images: np.ndarray) -> np.ndarray:
+  """The ViT forward pass in float64 numpy, read straight from the parameters."""
+  c = model.config
+  get = lambda p: np.asarray(p[...], np.float64)
+  linear = lambda layer, x: x @ get(layer.kernel) + get(layer.bias)
+
+  def layer_norm(layer, x):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + layer.epsilon) * get(layer.scale) + get(layer.bias)
+
+  def gelu(x):  # tanh approximation, as jax.nn.gelu's default
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+
+  b, p = images.shape[0], c.patch_size
+  grid = c.image_size // p
+  patches = np.stack([images[:, r * p:(r + 1) * p, q * p:(q + 1) * p].reshape(b, -1)
+                      for r in range(grid) for q in range(grid)], axis=1)
+  x = np.concatenate([np.repeat(get(model.cls_token), b, 0),
+                      linear(model.patch_embedding, patches)], axis=1)
+  x = x + get(model.position_embedding)
+  head_dim = c.dim // c.num_heads
+  for block in model.blocks:
+    qkv = linear(block.attention.qkv, layer_norm(block.norm1, x))
+    heads = []
+    for h in range(c.num_heads):
+      cut = lambda part: qkv[..., part * c.dim + h * head_dim:part * c.dim + (h + 1) * head_dim]
+      logits = cut(0) @ cut(1).transpose(0, 2, 1) / np.sqrt(head_dim)
+      weights = np.exp(logits - logits.max(-1, keepdims=True))
+      weights /= weights.sum(-1, keepdims=True)
+      heads.append(weights @ cut(2))
+    x = x + linear(block.attention.out, np.concatenate(heads, -1))
+    x = x + linear(block.mlp.fc2, gelu(linear(block.mlp.fc1, layer_norm(block.norm2, x))))
+  return linear(model.head, layer_norm(model.norm, x[:, 0]))
+
+
+def _jitted_forward(model: vit.ViT):
+  """model(images, dropout_key) compiled once (eager NNX calls are slow to dispatch)."""
+  graphdef, params = nnx.split(model)
+  return jax.jit(lambda images, key: nnx.merge(graphdef, params)(images, key))
+
+
+def test_forward_matches_numpy_reference():
+  model = vit.ViT(TINY, rngs=nnx.Rngs(3))
+  # Perturb the zero-initialised biases and unit scales so that they are exercised too.
+  rng = np.random.default_rng(1)
+  nnx.update(model, jax.tree.map(lambda x: x + 0.1 * rng.normal(size=x.shape).astype(np.float32),
+                                 nnx.state(model)))
+  images = rng.uniform(size=(3, 8, 8, 1)).astype(np.float32)
+  logits = np.asarray(_jitted_forward(model)(images, None))
+  assert logits.shape == (3, 10)
+  np.testing.assert_allclose(logits, _reference_forward(model, images), rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.5])
+def test_dropout_only_with_a_key(rate):
+  images = np.random.default_rng(0).uniform(size=(2, 8, 8, 1)).astype(np.float32)
+  config = dataclasses.replace(TINY, depth=1, dropout=rate)
+  graphdef, params = nnx.split(vit.ViT(config, rngs=nnx.Rngs(0)))
+
+  @jax.jit
+  def outputs(images):  # one compilation for both calls
+    model = nnx.merge(graphdef, params)
+    # rbg: threefry-based dropout takes XLA's CPU compiler ~10 s per block.
+    return model(images), model(images, jax.random.key(0, impl="rbg"))
+
+  plain, dropped = map(np.asarray, outputs(images))
+  assert np.allclose(dropped, plain) == (rate == 0.0)
+
+
+def test_prunable_kernels_are_2d_in_out_linears():
+  model = vit.ViT(TINY, rngs=nnx.Rngs(0))
+  state = nnx.state(model)
+  shapes = {}
+  for path in vit.prunable_kernel_paths(TINY):
+    node = state
+    for key in path:
+      node = node[key]
+    shapes[path[2:4]] = node.shape
+  assert len(vit.prunable_kernel_paths(TINY)) == 4 * TINY.depth
+  assert shapes == {("attention", "qkv"): (16, 48), ("attention", "out"): (16, 16),
+                    ("mlp", "fc1"): (16, 32), ("mlp", "fc2"): (32, 16)}
+  gemms = vit.gemm_shapes(TINY, batch_size=5)
+  assert {name: shape[1:] for name, shape in gemms.items()} == {
+      "qkv": (16, 48), "out": (16, 16), "fc1": (16, 32), "fc2": (32, 16)}
+  assert all(shape[0] == 5 * 17 for shape in gemms.values())
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(patch_size=3), "patch_size"), (dict(num_heads=3), "num_heads"),
+    (dict(dim=18, num_heads=2), "dim"), (dict(depth=0), "depth"),
+    (dict(dropout=1.0), "dropout"), (dict(mlp_dim=2.5), "mlp_dim")])
+def test_config_rejects_bad_values(changes, match):
+  with pytest.raises(ValueError, match=match):
+    dataclasses.replace(TINY, **changes)
+
+
+def test_model_rejects_wrong_image_shape():
+  model = vit.ViT(TINY, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="images must have shape"):
+    model(jnp.zeros((2, 8, 8)))
+
+
+# ----------------------------------------------------------------------------- training
+
+def test_shift_images_moves_each_image_within_range():
+  images = jnp.asarray(np.random.default_rng(0).uniform(size=(16, 8, 8, 1)), jnp.float32)
+  shifted = np.asarray(vit_recipe.shift_images(images, jax.random.key(0), 1))
+  padded = np.pad(np.asarray(images), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  offsets_seen = set()
+  for i in range(16):
+    matches = [(dy, dx) for dy in range(3) for dx in range(3)
+               if np.array_equal(shifted[i], padded[i, dy:dy + 8, dx:dx + 8])]
+    assert matches, f"image {i} is not a shift of its input"
+    offsets_seen.update(matches)
+  assert len(offsets_seen) > 1
+  np.testing.assert_array_equal(vit_recipe.shift_images(images, jax.random.key(0), 0), images)
+
+
+def test_accuracy_matches_direct_count(split):
+  graphdef, params = vit_recipe.init_model(TINY, seed=0)
+  images, labels = split.test_images[:50], split.test_labels[:50]
+  predicted = np.argmax(np.asarray(_jitted_forward(nnx.merge(graphdef, params))(images, None)), -1)
+  expected = float(np.mean(predicted == labels))
+  assert vit_recipe.accuracy(graphdef, params, images, labels, batch_size=16) == expected
+
+
+def test_dense_training_reduces_loss_and_beats_chance(split):
+  small = digits.DigitsSplit(split.train_images[:512], split.train_labels[:512],
+                             split.test_images, split.test_labels)
+  model_config = vit.ViTConfig(dim=32, depth=1, num_heads=2, mlp_dim=64)
+  config = vit_recipe.TrainConfig(epochs=8, batch_size=32, learning_rate=1e-2, max_shift=0,
+                                  label_smoothing=0.0, seed=0)
+  graphdef, params, result = vit_recipe.train_dense(model_config, config, small, progress=False)
+  assert len(result.epoch_losses) == 8
+  assert result.epoch_losses[-1] < result.epoch_losses[0] - 1.0
+  # Chance is 0.1; 8 epochs on 512 images reach about 0.7.
+  assert vit_recipe.accuracy(graphdef, params, small.test_images, small.test_labels) > 0.5
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(epochs=0), "epochs"), (dict(learning_rate=0.0), "learning_rate"),
+    (dict(max_shift=-1), "max_shift"), (dict(warmup_fraction=1.0), "warmup_fraction"),
+    (dict(label_smoothing=-0.1), "label_smoothing")])
+def test_train_config_rejects_bad_values(changes, match):
+  with pytest.raises(ValueError, match=match):
+    vit_recipe.TrainConfig(**changes)
+
+
+def test_train_rejects_batch_larger_than_data(split):
+  tiny = digits.DigitsSplit(split.train_images[:8], split.train_labels[:8],
+                            split.test_images, split.test_labels)
+  graphdef, params = vit_recipe.init_model(TINY, seed=0)
+  with pytest.raises(ValueError, match="batch_size"):
+    vit_recipe.train(graphdef, params, tiny, vit_recipe.TrainConfig(batch_size=16),
+                     progress=False)
