@@ -212,3 +212,13 @@ def test_missing_gguf_names_the_fetch_command(tmp_path, monkeypatch):
     llm.main(["eval", "--eval-tokens", "1024"])
   with pytest.raises(SystemExit, match=re.escape("python -m train.llm fetch")):
     llm.main(["prune", "--gguf", str(tmp_path / "missing.gguf")])
+
+
+def test_report_prints_the_gap_to_dense(tmp_path, capsys):
+  results = tmp_path / "results.jsonl"
+  results.write_text('{"recipe": "dense", "eval_tokens": 512, "ppl": 10.0, "nll": 2.5}\n'
+                     '{"recipe": "one-shot", "pattern": "64:2:5", "score": "wanda", '
+                     '"permuted": false, "eval_tokens": 512, "ppl": 100.0, "nll": 4.0}\n')
+  assert llm.main(["report", "--results", str(results)]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[-1] == "| one-shot | 64:2:5 | wanda | False | 512 | 100 | 4.0000 | 1.500 |"

@@ -161,3 +161,15 @@ def test_errors_name_argument_value_and_allowed():
     vnm_mask(kernel, "4:2:4", permutation=Permutation(np.arange(8.0), None))
   with pytest.raises(ValueError, match="n <= m"):
     nm_mask(kernel, 3, 2)
+
+
+def test_mask_of_a_kernel_sharded_over_explicit_mesh_axes():
+  mesh = jax.make_mesh((2, 4), ("data", "model"),
+                       axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+  kernel = jax.random.normal(jax.random.key(0), (64, 128))
+  sharded = jax.device_put(kernel, jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(None, "model")))
+  with jax.sharding.set_mesh(mesh):
+    mask = jax.jit(lambda w: vnm_mask(w, "16:2:8"))(sharded)
+  assert mask.sharding.spec == sharded.sharding.spec
+  np.testing.assert_array_equal(np.asarray(mask), ref.column_l1_mask(np.abs(kernel), 16, 8))

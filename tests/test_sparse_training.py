@@ -14,6 +14,7 @@ from vnm_jax.config import VNMConfig
 from vnm_jax.masks import vnm_mask
 from vnm_jax.sparse_training import (FixedMaskState, SRSTEState, fixed_mask, sparse_masks,
                                      sparse_params, sr_ste)
+from vnm_jax.trees import tree_masks
 
 CONFIG = VNMConfig(8, 2, 6)  # 37 and 21 divide by neither M nor V: padding is exercised
 
@@ -249,6 +250,31 @@ def test_transforms_work_on_nnx_state():
     for layer in (0, 2):
       kernel = np.asarray(forward["layers"][layer]["kernel"][...])
       assert (kernel != 0).sum() <= kernel.size * CONFIG.density + CONFIG.v * 4
+
+
+def test_nnx_optimizer_keeps_the_masks_in_its_state():
+  model = nnx.Sequential(nnx.Linear(24, 16, rngs=nnx.Rngs(0)), nnx.relu,
+                         nnx.Linear(16, 8, rngs=nnx.Rngs(1)))
+  masks = tree_masks(nnx.state(model, nnx.Param), CONFIG)
+  optimizer = nnx.Optimizer(model, fixed_mask(optax.adamw(1e-2, weight_decay=0.1), masks),
+                            wrt=nnx.Param)
+  x = jax.random.normal(jax.random.key(0), (8, 24))
+
+  @nnx.jit
+  def step(model, optimizer):
+    grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model)
+    optimizer.update(model, grads)
+
+  for _ in range(3):
+    step(model, optimizer)
+  for layer in (0, 2):
+    mask = np.asarray(masks["layers"][layer]["kernel"][...])
+    kernel = np.asarray(model.layers[layer].kernel[...])
+    assert np.all(kernel[~mask] == 0.0) and np.all(kernel[mask] != 0.0)
+  # The optimizer's state holds OptVariables where the params hold Params: still accepted.
+  forward = sparse_params(nnx.state(model, nnx.Param), optimizer.opt_state)
+  np.testing.assert_array_equal(np.asarray(forward["layers"][0]["kernel"][...]),
+                                np.asarray(model.layers[0].kernel[...]))
 
 
 def test_bad_input_raises_clear_errors():

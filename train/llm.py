@@ -523,12 +523,14 @@ def _run_fetch(args):
 
 def _run_report(args):
   rows = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line]
-  print("| recipe | pattern | score | permuted | eval tokens | ppl | mean NLL |")
-  print("|---|---|---|---|---|---|---|")
+  dense = {r["eval_tokens"]: r["nll"] for r in rows if r["recipe"] == "dense"}
+  print("| recipe | pattern | score | permuted | eval tokens | ppl | mean NLL | NLL - dense |")
+  print("|---|---|---|---|---|---|---|---|")
   for r in rows:
     score = r.get("score", r.get("mask_score", ""))
-    print(f"| {r['recipe']} | {r.get('pattern', 'dense')} | {score} | "
-          f"{r.get('permuted', '')} | {r['eval_tokens']} | {r['ppl']:.4g} | {r['nll']:.4f} |")
+    gap = (f"{r['nll'] - dense[r['eval_tokens']]:.3f}" if r["eval_tokens"] in dense else "")
+    print(f"| {r['recipe']} | {r.get('pattern', '')} | {score} | {r.get('permuted', '')} | "
+          f"{r['eval_tokens']} | {r['ppl']:.4g} | {r['nll']:.4f} | {gap} |")
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import time
 from typing import Any, NamedTuple, Sequence
 
@@ -119,26 +120,17 @@ def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTrans
 def accuracy(graphdef: nnx.GraphDef, params: Any, images: np.ndarray, labels: np.ndarray,
              batch_size: int = 512) -> float:
   """Top-1 accuracy in [0, 1] of the model (graphdef, params) on images (n, 8, 8, 1)."""
-  predict = _predictor(graphdef)
   correct = 0
   for start in range(0, len(images), batch_size):
-    predicted = predict(params, images[start:start + batch_size])
+    predicted = _predict(graphdef, params, images[start:start + batch_size])
     correct += int(np.sum(np.asarray(predicted) == labels[start:start + batch_size]))
   return correct / len(images)
 
 
-# ViTConfig fields set by the digits themselves, not by the command line.
-_DATA_FIXED_FIELDS = ("image_size", "channels", "num_classes")
-
-_PREDICTORS: dict[nnx.GraphDef, Any] = {}
-
-
-def _predictor(graphdef: nnx.GraphDef):
-  """One jitted argmax-classifier per model structure (reused across calls)."""
-  if graphdef not in _PREDICTORS:
-    _PREDICTORS[graphdef] = jax.jit(
-        lambda params, images: jnp.argmax(nnx.merge(graphdef, params)(images), axis=-1))
-  return _PREDICTORS[graphdef]
+@functools.partial(jax.jit, static_argnums=0)
+def _predict(graphdef: nnx.GraphDef, params: Any, images: jax.Array) -> jax.Array:
+  """Predicted classes (n,) of images (n, 8, 8, 1); compiled once per model structure."""
+  return jnp.argmax(nnx.merge(graphdef, params)(images), axis=-1)
 
 
 def train(graphdef: nnx.GraphDef, params: Any, data: DigitsSplit, config: TrainConfig,
@@ -210,6 +202,10 @@ def train_dense(model_config: ViTConfig, train_config: TrainConfig, data: Digits
   graphdef, params = init_model(model_config, train_config.seed)
   result = train(graphdef, params, data, train_config, description="dense", progress=progress)
   return graphdef, result.params, result
+
+
+# ViTConfig fields set by the digits themselves, not by the command line.
+_DATA_FIXED_FIELDS = ("image_size", "channels", "num_classes")
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

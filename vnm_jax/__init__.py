@@ -2,23 +2,34 @@
 
 from vnm_jax.benchmarking import MatmulTiming, measure_matmul_speedup
 from vnm_jax.calibration import collect_input_norms
+from vnm_jax.checkpoint import CheckpointError, Checkpointer
 from vnm_jax.config import VNMConfig
 from vnm_jax.format import VNMWeight, compress, decompress
 from vnm_jax.layers import VNMDense, VNMIndex, VNMLinear, convert_to_vnm
+from vnm_jax.lora import (LoRAAdapter, ThreeStageLoRAState, default_stage_steps, init_lora,
+                          lora_masks, lora_params, merge_lora, three_stage_lora)
 from vnm_jax.masks import as_matrix, from_matrix, is_vnm, nm_mask, vnm_mask
 from vnm_jax.matmul import vnm_matmul
 from vnm_jax.permutation import Permutation
 from vnm_jax.scores import Importance, importance_scores, magnitude_score, ria_score, wanda_score
+from vnm_jax.sparse_training import (FixedMaskState, SRSTEState, fixed_mask, sparse_masks,
+                                     sparse_params, sr_ste)
 from vnm_jax.trees import (SparsitySummary, sparsity_summary, tree_apply_masks, tree_configs,
                            tree_masks)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
+    "Checkpointer",
+    "FixedMaskState",
     "Importance",
+    "LoRAAdapter",
     "MatmulTiming",
     "Permutation",
+    "SRSTEState",
     "SparsitySummary",
+    "ThreeStageLoRAState",
     "VNMConfig",
     "VNMDense",
     "VNMIndex",
@@ -29,14 +40,24 @@ __all__ = [
     "compress",
     "convert_to_vnm",
     "decompress",
+    "default_stage_steps",
+    "fixed_mask",
     "from_matrix",
     "importance_scores",
+    "init_lora",
     "is_vnm",
+    "lora_masks",
+    "lora_params",
     "magnitude_score",
     "measure_matmul_speedup",
+    "merge_lora",
     "nm_mask",
     "ria_score",
+    "sparse_masks",
+    "sparse_params",
     "sparsity_summary",
+    "sr_ste",
+    "three_stage_lora",
     "tree_apply_masks",
     "tree_configs",
     "tree_masks",

@@ -204,6 +204,20 @@ def _vnm_mask_2d(scores: jax.Array, config: VNMConfig, rule: str) -> jax.Array:
   return _unblock(_top2_in_columns(blocks, kept_columns), scores.shape)
 
 
+def _mask_keeping_sharding(scores: jax.Array, config: VNMConfig, rule: str) -> jax.Array:
+  """``_vnm_mask_2d``, also for scores sharded over Explicit mesh axes.
+
+  The block reshapes have no rule for explicitly sharded operands, so under Explicit
+  axes the mask is computed with the axes made Auto and returned sharded like scores.
+  """
+  sharding = jax.typeof(scores).sharding
+  if (isinstance(sharding, jax.sharding.NamedSharding) and not sharding.mesh.empty
+      and any(spec is not None for spec in sharding.spec)):
+    return jax.sharding.auto_axes(lambda s: _vnm_mask_2d(s, config, rule),
+                                  out_sharding=sharding)(scores)
+  return _vnm_mask_2d(scores, config, rule)
+
+
 def vnm_mask(kernel: jax.Array, config: VNMConfig | str, *, scores: jax.Array | None = None,
              rule: Rule = "column_l1", in_axes: Sequence[int] | int | None = None,
              permutation: Permutation | None = None) -> jax.Array:
@@ -233,7 +247,7 @@ def vnm_mask(kernel: jax.Array, config: VNMConfig | str, *, scores: jax.Array | 
   matrix_scores = as_matrix(_check_scores(jnp.abs(kernel) if scores is None else scores,
                                           kernel.shape), in_axes)
   validate_permutation(permutation, matrix_scores.shape)
-  mask = _vnm_mask_2d(permute(matrix_scores, permutation), config, rule)
+  mask = _mask_keeping_sharding(permute(matrix_scores, permutation), config, rule)
   return from_matrix(unpermute(mask, permutation), kernel.shape, in_axes)
 
 

@@ -61,12 +61,16 @@ METHODS = ("cocluster", "paper")
 
 # Rounds of (input step, output step) the paper reconstruction runs.
 _PAPER_ROUNDS = 2
-# Upper bound on alternating rounds without a time budget; the search usually stops
-# earlier, when a round gains less than _MIN_RELATIVE_GAIN of the kept score.
-_MAX_ROUNDS = 30
-_MIN_RELATIVE_GAIN = 1e-5
-# Re-slotting rounds after the alternating search has converged.
-_RESLOT_ROUNDS = 4
+# The local search runs an output step after every _OUTPUT_EVERY input slot steps and
+# stops after _PATIENCE cycles (one step per slot) in a row that each close less than
+# _STALL_SHARE of the gap between the start and unstructured pruning, or after
+# _MAX_CYCLES cycles.
+_OUTPUT_EVERY = 2
+_PATIENCE = 2
+_STALL_SHARE = 2e-4
+_MAX_CYCLES = 60
+# Re-slotting restarts of the local search once it has stalled.
+_RESLOT_ROUNDS = 1
 # Lloyd iterations of the block x type model (it converges in 5-15 on real weights).
 _TYPE_MODEL_ITERATIONS = 30
 # Subspace iterations for the second singular vectors of the co-clustering start.
@@ -306,80 +310,79 @@ def _top_two(values: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
   return first, second
 
 
+def _rank_top(l1: jax.Array, keep: int, axis: int) -> jax.Array:
+  """Mask of the ``keep`` largest entries along ``axis`` (ties to the lower index, as in
+  vnm_mask), from pairwise comparisons: sorts and gathers are slow in XLA on CPU."""
+  own = jnp.expand_dims(l1, axis + 1)  # entry j along axis
+  other = jnp.expand_dims(l1, axis)  # entry i along axis + 1
+  shape = jnp.broadcast_shapes(own.shape, other.shape)
+  own_index = jax.lax.broadcasted_iota(jnp.int32, shape, axis)
+  other_index = jax.lax.broadcasted_iota(jnp.int32, shape, axis + 1)
+  ahead = (other > own) | ((other == own) & (other_index < own_index))
+  return ahead.sum(axis=axis + 1) < keep
+
+
 @jax.jit
-def _slot_costs(fixed: jax.Array, candidates: jax.Array) -> jax.Array:
+def _slot_costs(scores: jax.Array, blocks: jax.Array, others: jax.Array,
+                candidates: jax.Array) -> jax.Array:
   """Kept score of every group after inserting every candidate, column-L1 rule.
 
-  fixed: (G, M-1, R, V) scores of each group's other members over the row blocks;
-  candidates: (C, R, V) scores of the channels taken out. Returns (C, G).
+  scores: (Kp, Np); blocks: (R, V) the rows of every block; others: (G, M-1) the
+  members each group keeps; candidates: (C,) the channels taken out. Returns (C, G).
 
-  With the group's members fixed, a candidate x changes block r only when its L1
-  beats the 4th largest member L1 (tau). Then the block keeps the top 3 members and
-  x, and a row keeps t1 + max(t2, x) where t1 >= t2 are its top two among those 3;
-  otherwise the block keeps ``base``, its top-4 members' 2:4 score. Ranks come from
-  pairwise comparisons (ties to the lower index, as in vnm_mask): sorts and gathers
-  are slow in XLA on CPU.
+  With a group's members fixed, a candidate x changes block r only when its L1 beats
+  the 4th largest member L1 (tau). Then the block keeps the top 3 members and x, and
+  a row keeps t1 + max(t2, x) where t1 >= t2 are its top two among those 3;
+  otherwise the block keeps ``base``, its top-4 members' 2:4 score.
   """
+  fixed = scores[others][:, :, blocks]  # (G, M-1, R, V)
   members = fixed.shape[1]
   column_l1 = fixed.sum(-1)  # (G, M-1, R)
-  index = jnp.arange(members)
-  beaten_by = ((column_l1[:, None] > column_l1[:, :, None])
-               | ((column_l1[:, None] == column_l1[:, :, None])
-                  & (index[None, :, None, None] < index[None, None, :, None])))
-  rank = beaten_by.sum(axis=2)  # (G, M-1, R): members ahead of each member
-  top1, top2 = _top_two(jnp.where((rank < 3)[..., None], fixed, -jnp.inf), axis=1)
+  in_top3 = _rank_top(column_l1, 3, axis=1)
+  top1, top2 = _top_two(jnp.where(in_top3[..., None], fixed, -jnp.inf), axis=1)
   top1_sum = top1.sum(-1)  # (G, R)
   if members >= KEPT_COLUMNS:
-    base = jnp.where((rank < 4)[..., None], fixed, -jnp.inf)
-    base = sum(_top_two(base, axis=1)).sum(-1)
-    tau = jnp.where(rank == 3, column_l1, 0.0).sum(1)
+    in_top4 = _rank_top(column_l1, 4, axis=1)
+    base = sum(_top_two(jnp.where(in_top4[..., None], fixed, -jnp.inf), axis=1)).sum(-1)
+    tau = jnp.where(in_top4 & ~in_top3, column_l1, 0.0).sum(1)
   else:  # M == 4: every column is kept
     base = jnp.zeros_like(top1_sum)
     tau = jnp.full_like(top1_sum, -jnp.inf)
-  candidate_l1 = candidates.sum(-1)  # (C, R)
+  inserted_values = scores[candidates][:, blocks]  # (C, R, V)
+  inserted_l1 = inserted_values.sum(-1)  # (C, R)
 
   def chunk_costs(chunk):
-    chunk_candidates, chunk_l1 = chunk
-    with_candidate = jnp.maximum(top2[None], chunk_candidates[:, None]).sum(-1)
-    inserted = chunk_l1[:, None] > tau[None]
-    return jnp.where(inserted, top1_sum[None] + with_candidate, base[None]).sum(-1)
+    values, l1 = chunk
+    with_candidate = jnp.maximum(top2[None], values[:, None]).sum(-1)  # (c, G, R)
+    return jnp.where(l1[:, None] > tau[None], top1_sum[None] + with_candidate,
+                     base[None]).sum(-1)
 
   count = candidates.shape[0]
   chunk = max(1, min(count, _COST_CHUNK_ELEMENTS // max(1, top2.size)))
   padded = -(-count // chunk) * chunk
   pad = ((0, padded - count),)
-  chunks = (jnp.pad(candidates, pad + ((0, 0), (0, 0))).reshape(-1, chunk, *candidates.shape[1:]),
-            jnp.pad(candidate_l1, pad + ((0, 0),)).reshape(-1, chunk, candidate_l1.shape[1]))
+  chunks = (jnp.pad(inserted_values, pad + ((0, 0), (0, 0))).reshape(
+                -1, chunk, *inserted_values.shape[1:]),
+            jnp.pad(inserted_l1, pad + ((0, 0),)).reshape(-1, chunk, inserted_l1.shape[1]))
   return jax.lax.map(chunk_costs, chunks).reshape(padded, -1)[:count]
 
 
-def _top2_of_4(values: jax.Array) -> jax.Array:
-  """Sum of the 2 largest of 4 entries along axis 1."""
-  high_a = jnp.maximum(values[:, 0], values[:, 1])
-  low_a = jnp.minimum(values[:, 0], values[:, 1])
-  high_b = jnp.maximum(values[:, 2], values[:, 3])
-  low_b = jnp.minimum(values[:, 2], values[:, 3])
-  return (jnp.maximum(high_a, high_b)
-          + jnp.maximum(jnp.minimum(high_a, high_b), jnp.maximum(low_a, low_b)))
-
-
 @jax.jit
-def _row_costs(grouped: jax.Array, kept_columns: jax.Array) -> jax.Array:
-  """Kept score of every row in every block given the blocks' kept columns.
+def _row_benefits(scores: jax.Array, groups: jax.Array, blocks: jax.Array) -> jax.Array:
+  """Kept score of every row in every block, with each block's current kept columns.
 
-  grouped: (G, M, Np) scores with channels in group order; kept_columns: (R, G, 4)
-  column indices within each group. Returns (R, Np).
+  scores: (Kp, Np); groups: (G, M); blocks: (R, V). The kept columns of (block, group)
+  are the 4 with the largest L1 over the block's rows (column-L1 rule). Returns (R, Np).
   """
+  grouped = scores[groups]  # (G, M, Np)
+  column_l1 = grouped[:, :, blocks].sum(-1)  # (G, M, R)
+  kept = _rank_top(column_l1, KEPT_COLUMNS, axis=1)  # (G, M, R)
 
-  def one_block(columns):
-    values = jnp.take_along_axis(grouped, columns[:, :, None], axis=1)  # (G, 4, Np)
-    return _top2_of_4(values).sum(0)
+  def one_block(kept_columns):  # (G, M)
+    values = jnp.where(kept_columns[..., None], grouped, -jnp.inf)
+    return sum(_top_two(values, axis=1)).sum(0)
 
-  return jax.lax.map(one_block, kept_columns)
-
-
-# ----------------------------------------------------------------------------------
-# Search steps
+  return jax.lax.map(one_block, kept.transpose(2, 0, 1))
 
 
 def _zigzag_deal(order: np.ndarray, capacities: np.ndarray, real: int,
@@ -481,38 +484,39 @@ def _cocluster_start(problem: _Problem, seed: int) -> tuple[np.ndarray, np.ndarr
   return groups, blocks
 
 
-def _input_step(problem: _Problem, groups: np.ndarray, blocks: np.ndarray,
-                slots: range | np.ndarray) -> np.ndarray:
-  """One pass over ``slots``: re-insert each slot's channels by a linear assignment."""
+def _input_slot_step(problem: _Problem, device_scores: jax.Array, groups: np.ndarray,
+                     blocks: np.ndarray, slot: int) -> np.ndarray:
+  """Takes slot ``slot``'s channel out of every group and re-inserts them optimally.
+
+  The cost of every (channel, group) pair is the group's exact kept score with the
+  channel (column-L1 rule); scipy's linear_sum_assignment maximises the total.
+  Padding channels stay where they are. Costs are computed for all groups so that
+  the jitted function sees one shape per layer.
+  """
+  costs = np.asarray(_slot_costs(device_scores, jnp.asarray(blocks),
+                                 jnp.asarray(np.delete(groups, slot, axis=1)),
+                                 jnp.asarray(groups[:, slot])), np.float64)
+  movable = np.flatnonzero(groups[:, slot] < problem.k)
+  if len(movable) < 2:
+    return groups
+  chosen, target = linear_sum_assignment(costs[np.ix_(movable, movable)], maximize=True)
   groups = groups.copy()
-  blocked = problem.scores[:, blocks.ravel()].reshape(-1, *blocks.shape)  # (Kp, R, V)
-  for slot in slots:
-    movable = np.flatnonzero(groups[:, slot] < problem.k)
-    if len(movable) < 2:
-      continue
-    candidates = groups[movable, slot]
-    others = np.delete(groups[movable], slot, axis=1)
-    costs = np.asarray(_slot_costs(blocked[others], blocked[candidates]), np.float64)
-    chosen, target = linear_sum_assignment(costs, maximize=True)
-    groups[movable[target], slot] = candidates[chosen]
+  groups[movable[target], slot] = groups[movable[chosen], slot]
   return groups
 
 
-def _block_columns(grouped: np.ndarray, blocks: np.ndarray) -> np.ndarray:
-  """(R, G, 4) the 4 kept columns of every block (column-L1 rule) for grouped (G, M, Np)."""
-  column_l1 = np.stack([grouped[:, :, rows].sum(-1) for rows in blocks])  # (R, G, M)
-  return np.argsort(-column_l1, axis=-1, kind="stable")[..., :KEPT_COLUMNS]
+def _output_step(problem: _Problem, device_scores: jax.Array, groups: np.ndarray,
+                 blocks: np.ndarray) -> np.ndarray:
+  """Re-clusters rows: every row to the block where it keeps most, block sizes fixed.
 
-
-def _output_step(problem: _Problem, groups: np.ndarray, blocks: np.ndarray) -> np.ndarray:
-  """Re-cluster rows: each row to the block where it keeps most, block sizes fixed."""
-  grouped = problem.scores[groups]  # (G, M, Np)
-  columns = _block_columns(grouped, blocks)
-  benefit = np.asarray(_row_costs(jnp.asarray(grouped), jnp.asarray(columns)), np.float64)
-  labels = _balanced_assignment(benefit[:, :problem.n].T, problem.block_capacities(),
+  The blocks' kept columns are held fixed while rows move (a balanced Lloyd step).
+  """
+  benefit = np.asarray(_row_benefits(device_scores, jnp.asarray(groups), jnp.asarray(blocks)),
+                       np.float64)
+  capacities = problem.block_capacities()
+  labels = _balanced_assignment(benefit[:, :problem.n].T, capacities,
                                 _slots_to_labels(blocks, problem.n))
-  return _labels_to_slots(labels, problem.block_capacities(), problem.n,
-                          problem.scores.shape[1])
+  return _labels_to_slots(labels, capacities, problem.n, problem.scores.shape[1])
 
 
 def _output_slot_step(problem: _Problem, groups: np.ndarray, blocks: np.ndarray) -> np.ndarray:
@@ -569,62 +573,90 @@ class _Best:
     return kept
 
 
+def _paper_search(problem: _Problem, inputs_matter: bool, outputs_matter: bool,
+                  deadline: float, best: _Best) -> None:
+  """The reconstruction of the paper's procedure (zig-zag start, slot-by-slot steps)."""
+  device_scores = jnp.asarray(problem.scores)
+  groups, blocks = _zigzag_start(problem)
+  if not outputs_matter:
+    blocks = best.blocks
+  best.offer(groups, blocks)
+  for _ in range(_PAPER_ROUNDS):
+    for slot in range(problem.m if inputs_matter else 0):
+      if time.monotonic() < deadline:
+        groups = _input_slot_step(problem, device_scores, groups, blocks, slot)
+    if outputs_matter and time.monotonic() < deadline:
+      blocks = _output_slot_step(problem, groups, blocks)
+    best.offer(groups, blocks)
+
+
+def _local_search(problem: _Problem, device_scores: jax.Array, groups: np.ndarray,
+                  blocks: np.ndarray, inputs_matter: bool, outputs_matter: bool,
+                  deadline: float, best: _Best, tolerance: float) -> None:
+  """Input slot steps with an output step after every few, until a cycle stops paying.
+
+  A cycle is one step per slot. The search stops after _PATIENCE cycles in a row
+  that raise the best kept score by less than ``tolerance``.
+  """
+  stalled = 0
+  for _ in range(_MAX_CYCLES):
+    before = best.kept
+    for slot in range(problem.m):
+      if time.monotonic() >= deadline:
+        return
+      if inputs_matter:
+        groups = _input_slot_step(problem, device_scores, groups, blocks, slot)
+      if outputs_matter and (slot % _OUTPUT_EVERY == _OUTPUT_EVERY - 1
+                             or slot == problem.m - 1 or not inputs_matter):
+        blocks = _output_step(problem, device_scores, groups, blocks)
+      if not inputs_matter:
+        break
+    best.offer(groups, blocks)
+    stalled = stalled + 1 if best.kept - before < tolerance else 0
+    if stalled >= _PATIENCE:
+      return
+
+
 def _search(problem: _Problem, method: str, search_outputs: bool, seed: int,
             deadline: float) -> tuple[np.ndarray, np.ndarray]:
   """Returns the best (groups, blocks) found before ``deadline`` (time.monotonic())."""
-  rng = np.random.default_rng(seed)
   identity_groups, identity_blocks = problem.identity()
-  # Outputs matter only when blocks share columns: M > 4, V > 1, more than one block.
+  best = _Best(problem, identity_groups, identity_blocks)
+  # Outputs matter only when blocks share columns: M > 4, V > 1 and several blocks.
   outputs_matter = (search_outputs and problem.m > KEPT_COLUMNS and problem.v > 1
                     and problem.blocks_count > 1)
   inputs_matter = problem.groups_count > 1
+  if not (inputs_matter or outputs_matter):
+    return best.groups, best.blocks
   if method == "paper":
-    groups, blocks = _zigzag_start(problem)
-  elif outputs_matter and inputs_matter:
+    _paper_search(problem, inputs_matter, outputs_matter, deadline, best)
+    return best.groups, best.blocks
+
+  if outputs_matter and inputs_matter:
     groups, blocks = _cocluster_start(problem, seed)
   else:
     groups, blocks = _zigzag_start(problem)
-  if not outputs_matter:
-    blocks = identity_blocks
-  best = _Best(problem, identity_groups, identity_blocks)
+    if not outputs_matter:
+      blocks = identity_blocks
   best.offer(groups, blocks)
-  slots = np.arange(problem.m)
-
-  if method == "paper":
-    for _ in range(_PAPER_ROUNDS):
-      if inputs_matter and time.monotonic() < deadline:
-        groups = _input_step(problem, groups, blocks, slots)
-      if outputs_matter and time.monotonic() < deadline:
-        blocks = _output_slot_step(problem, groups, blocks)
-      best.offer(groups, blocks)
-    return best.groups, best.blocks
-
-  kept = best.kept
-  for _ in range(_MAX_ROUNDS):
+  gap = (unstructured_kept_score(problem.scores[:problem.k, :problem.n], 2 / problem.m)
+         - best.kept)
+  tolerance = _STALL_SHARE * max(gap, 0.0)
+  device_scores = jnp.asarray(problem.scores)
+  _local_search(problem, device_scores, groups, blocks, inputs_matter, outputs_matter,
+                deadline, best, tolerance)
+  rng = np.random.default_rng(seed)
+  for _ in range(_RESLOT_ROUNDS if inputs_matter else 0):
     if time.monotonic() >= deadline:
       break
-    if inputs_matter:
-      groups = _input_step(problem, groups, blocks, slots)
-    if outputs_matter and time.monotonic() < deadline:
-      blocks = _output_step(problem, groups, blocks)
-    new_kept = best.offer(groups, blocks)
-    if new_kept < kept * (1 + _MIN_RELATIVE_GAIN):
-      break
-    kept = new_kept
-  groups, blocks = best.groups, best.blocks
-  for _ in range(_RESLOT_ROUNDS):
-    if time.monotonic() >= deadline or not inputs_matter:
-      break
     # Shuffle each group's channels among its slots (padding stays last) so the next
-    # input steps take out different channels together.
-    shuffled = groups.copy()
+    # input steps take different channels out together; keep the result if better.
+    shuffled = best.groups.copy()
     for group in shuffled:
       real = group < problem.k
       group[real] = rng.permutation(group[real])
-    groups = _input_step(problem, shuffled, blocks, slots)
-    if outputs_matter and time.monotonic() < deadline:
-      blocks = _output_step(problem, groups, blocks)
-    best.offer(groups, blocks)
+    _local_search(problem, device_scores, shuffled, best.blocks, inputs_matter,
+                  outputs_matter, deadline, best, tolerance)
   return best.groups, best.blocks
 
 

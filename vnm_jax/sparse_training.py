@@ -49,6 +49,10 @@ SR-STE (dynamic mask, dense weights kept)::
 optimizers between stages, carry the masks over:
 ``fixed_mask(new_inner, sparse_masks(old_state))``.
 
+With ``nnx.Optimizer(model, fixed_mask(...), wrt=nnx.Param)`` the masks live in the
+optimizer's state; ``sparse_params(nnx.state(model, nnx.Param), optimizer.opt_state)``
+accepts its OptVariable-wrapped state.
+
 Under a ``jax.sharding.Mesh`` (Auto axes) nothing changes: call ``init`` on the
 sharded params outside jit (or jit it with ``out_shardings``) so the masks take
 their kernels' shardings; the mask computation inside the jitted update is then
@@ -63,6 +67,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from vnm_jax.config import VNMConfig
 from vnm_jax.masks import RULES, vnm_mask
@@ -126,9 +131,11 @@ def _flatten_like(params: PyTree, tree: PyTree, name: str, is_leaf=None) -> list
   Raises:
     ValueError: ``tree`` does not have the params' structure.
   """
-  treedef = jax.tree_util.tree_structure(params, is_leaf=is_leaf)
+  # nnx.Optimizer keeps its state in OptVariable nodes where the params have Param
+  # nodes: compare the trees without their Variable wrappers.
+  treedef = jax.tree_util.tree_structure(nnx.as_pure(params), is_leaf=is_leaf)
   try:
-    return treedef.flatten_up_to(tree)
+    return treedef.flatten_up_to(nnx.as_pure(tree))
   except (ValueError, TypeError) as error:
     raise ValueError(f"{name} must have the params' structure (with None at dense leaves); "
                      f"params are {treedef}, {name} is "
