@@ -1,4 +1,4 @@
-"""Tests of the digits data, the ViT model and its dense training recipe (tiny sizes)."""
+"""Tests of the digits data, the ViT model, its dense training and pruning pipeline (tiny sizes)."""
 
 import dataclasses
 import math
@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import vnm_reference as ref
 from train import vit as vit_recipe
 from vnm_jax import digits
 from vnm_jax.models import vit
+from vnm_jax.permutation import Permutation
 
 TINY = vit.ViTConfig(dim=16, depth=2, num_heads=2, mlp_dim=32)
 
@@ -263,3 +265,101 @@ def test_train_rejects_batch_larger_than_data(split):
   with pytest.raises(ValueError, match="batch_size"):
     vit_recipe.train(graphdef, params, tiny, vit_recipe.TrainConfig(batch_size=16),
                      progress=False)
+
+
+# ----------------------------------------------------------------------------- pruning pipeline
+
+TINY_PRESET = vit_recipe.PipelinePreset(
+    name="tiny", model=dataclasses.replace(TINY, depth=1), dense=vit_recipe.TrainConfig(epochs=1),
+    finetune=vit_recipe.TrainConfig(epochs=1, learning_rate=1e-3), configs=("16:2:5",),
+    permutation_seconds=0.2, train_images=64, speed_batch=1, speed_repeats=1)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+  return vit_recipe.run_pipeline(TINY_PRESET, tmp_path_factory.mktemp("pipeline"),
+                                 progress=False, log=lambda line: None)
+
+
+def _kernels(tree):
+  """{path: numpy array} of the block kernels of params or masks."""
+  from vnm_jax.trees import path_str
+  return {path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+          if path_str(p).startswith("blocks/") and path_str(p).endswith("kernel")}
+
+
+def test_pipeline_table_rows_files_and_plot(pipeline):
+  import json
+  rows = [(r.config, r.permuted, r.method) for r in pipeline.variants]
+  assert rows == [("16:2:5", permuted, method) for permuted in (False, True)
+                  for method in vit_recipe.METHODS]
+  for row in pipeline.variants:
+    assert 0.0 <= row.test_accuracy <= 1.0 and row.speedup > 0
+  table = pipeline.table_path.read_text()
+  assert table.count("| 16:2:5 |") == 6 and "GEMM speedup" in table
+  saved = json.loads(pipeline.json_path.read_text())
+  assert [v["method"] for v in saved["variants"]] == [r[2] for r in rows]
+  assert saved["dense_accuracy"] == pipeline.dense_accuracy
+  assert set(saved["timings"]) == {"16:2:5|False", "16:2:5|True"}
+  assert all(len(t) == 4 for t in saved["timings"].values())  # qkv, out, fc1, fc2
+  assert pipeline.plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pipeline_one_shot_is_the_column_l1_mask_of_the_dense_weights(pipeline):
+  dense = _kernels(pipeline.dense_params)
+  model = pipeline.models[("16:2:5", False, "one-shot")]
+  masks, params = _kernels(model.masks), _kernels(model.params)
+  assert set(masks) == set(dense) and len(masks) == 4
+  for path, kernel in dense.items():
+    expected = ref.column_l1_mask(np.abs(kernel), 16, 5)
+    np.testing.assert_array_equal(masks[path], expected, err_msg=path)
+    np.testing.assert_array_equal(params[path], np.where(expected, kernel, 0), err_msg=path)
+
+
+@pytest.mark.parametrize("permuted", [False, True])
+@pytest.mark.parametrize("method", vit_recipe.METHODS)
+def test_pipeline_masks_are_vnm_and_pruned_weights_zero(pipeline, permuted, method):
+  model = pipeline.models[("16:2:5", permuted, method)]
+  masks, params = _kernels(model.masks), _kernels(model.params)
+  assert bool(model.permutations) == permuted
+  for path, mask in masks.items():
+    permutation = model.permutations.get(path)
+    view = mask
+    if permutation is not None:  # the groups are formed on kernel[inputs][:, outputs]
+      if permutation.inputs is not None:
+        view = view[np.asarray(permutation.inputs)]
+      if permutation.outputs is not None:
+        view = view[:, np.asarray(permutation.outputs)]
+    assert ref.structure_ok(view, 16, 5), path
+    assert not np.any(params[path][~mask]), f"{path}: pruned entries are not zero"
+    assert mask.mean() > 0.3  # 2 of 5 kept, less a little for the 16-row padding
+
+
+def test_pipeline_fixed_mask_keeps_the_one_shot_mask_and_trains(pipeline):
+  for permuted in (False, True):
+    one_shot = pipeline.models[("16:2:5", permuted, "one-shot")]
+    tuned = pipeline.models[("16:2:5", permuted, "fixed-mask")]
+    before, after = _kernels(one_shot.params), _kernels(tuned.params)
+    for path, mask in _kernels(one_shot.masks).items():
+      np.testing.assert_array_equal(_kernels(tuned.masks)[path], mask)
+      assert not np.allclose(after[path][mask], before[path][mask])  # kept weights moved
+
+
+def test_permutation_indices_round_trip():
+  graphdef, params = vit_recipe.init_model(TINY, seed=0)
+  names = list(_kernels(params))
+  qkv, out = "blocks/0/attention/qkv/kernel", "blocks/0/attention/out/kernel"
+  rng = np.random.default_rng(0)
+  inputs, outputs = rng.permutation(16), rng.permutation(48)
+  indices = vit_recipe.permutation_indices(params, names, {qkv: Permutation(inputs, outputs)})
+  moved = vit_recipe.reorder_kernels(params, indices)
+  np.testing.assert_array_equal(_kernels(moved)[qkv], _kernels(params)[qkv][inputs][:, outputs])
+  np.testing.assert_array_equal(_kernels(moved)[out], _kernels(params)[out])
+  back = vit_recipe.reorder_kernels(moved, indices, undo=True)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_pipeline_rejects_unknown_preset(tmp_path):
+  with pytest.raises(ValueError, match="preset"):
+    vit_recipe.run_pipeline("huge", tmp_path)

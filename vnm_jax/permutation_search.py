@@ -71,6 +71,9 @@ _STALL_SHARE = 2e-4
 _MAX_CYCLES = 60
 # Re-slotting restarts of the local search once it has stalled.
 _RESLOT_ROUNDS = 1
+# Work of one input slot step (candidates x groups x output rows): beyond it the groups
+# are split into batches that solve separate assignments (only very large layers).
+_MAX_SLOT_WORK = 1 << 28
 # Lloyd iterations of the block x type model (it converges in 5-15 on real weights).
 _TYPE_MODEL_ITERATIONS = 30
 # Subspace iterations for the second singular vectors of the co-clustering start.
@@ -238,32 +241,46 @@ def _balanced_assignment(benefit: np.ndarray, capacities: np.ndarray,
                          labels: np.ndarray | None = None) -> np.ndarray:
   """Optimal labels (n,) for benefit (n, P), part p taking exactly capacities[p] items.
 
-  A transportation problem with few parts: start from ``labels`` (or a regret-greedy
-  deal) and cancel positive cycles of moves between parts until none is left, which
-  is the optimality condition. Edge a -> b of the part graph carries the best gain of
-  moving one item of a to b; a positive cycle is found by Bellman-Ford longest paths.
-  Much faster than a K x K linear assignment on columns repeated per capacity.
+  A transportation problem with few parts. Start from ``labels`` (or, when None, a
+  regret-greedy deal) and cancel positive cycles of moves between parts until none
+  is left, which is the optimality condition. Edge a -> b of the part graph carries
+  the best gain of moving one item of a to b. Every pass first applies all disjoint
+  positive swaps (2-cycles) at once, best first; when none is left, Bellman-Ford
+  longest paths find a longer positive cycle. Much faster here than a linear
+  assignment on columns repeated per capacity (n x n).
   """
   benefit = np.asarray(benefit, np.float64)
   n, parts = benefit.shape
   if parts == 1:
     return np.zeros(n, np.intp)
   items = np.arange(n)
-  greedy = _greedy_balanced(benefit, capacities)
-  # After a big change of the benefits the regret-greedy deal is the better start.
-  if labels is None or benefit[items, greedy].sum() > benefit[items, labels].sum():
-    labels = greedy
-  labels = labels.copy()
+  labels = _greedy_balanced(benefit, capacities) if labels is None else labels.copy()
   tolerance = 1e-12 * max(1.0, float(np.abs(benefit).max()))
-  for _ in range(n * parts):  # each cancelled cycle gains > tolerance; this cap never binds
+  for _ in range(n * parts):  # every pass gains > tolerance; this cap never binds
     gain = benefit - benefit[items, labels][:, None]
     order = np.argsort(labels, kind="stable")
     counts = np.bincount(labels, minlength=parts)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    present = counts > 0
+    present = np.flatnonzero(counts)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])[present]
+    sorted_gain = gain[order]
     edge = np.full((parts, parts), -np.inf)
-    edge[present] = np.maximum.reduceat(gain[order], starts[present], axis=0)
+    edge[present] = np.maximum.reduceat(sorted_gain, starts, axis=0)
+    # The item achieving each edge: the first position in its part with that gain.
+    hits = sorted_gain == edge[labels[order]]
+    first = np.minimum.reduceat(np.where(hits, items[:, None], n), starts, axis=0)
+    mover = np.zeros((parts, parts), np.intp)
+    mover[present] = order[np.minimum(first, n - 1)]
     np.fill_diagonal(edge, -np.inf)
+    swap_gain = np.triu(edge + edge.T, 1)
+    sources, targets = np.nonzero(swap_gain > tolerance)
+    if len(sources):
+      busy = np.zeros(parts, bool)
+      for index in np.argsort(-swap_gain[sources, targets], kind="stable"):
+        a, b = sources[index], targets[index]
+        if not (busy[a] or busy[b]):
+          busy[a] = busy[b] = True
+          labels[mover[a, b]], labels[mover[b, a]] = b, a
+      continue
     distance, predecessor = np.zeros(parts), np.full(parts, -1)
     on_cycle = -1
     for step in range(parts + 1):
@@ -285,11 +302,7 @@ def _balanced_assignment(benefit: np.ndarray, capacities: np.ndarray,
     while (previous := predecessor[cycle[-1]]) != on_cycle:
       cycle.append(previous)
     cycle.reverse()  # edges cycle[i] -> cycle[i + 1]
-    moves = []
-    for i, source in enumerate(cycle):
-      target = cycle[(i + 1) % len(cycle)]
-      members = np.flatnonzero(labels == source)
-      moves.append((members[np.argmax(gain[members, target])], target))
+    moves = [(mover[a, b], b) for a, b in zip(cycle, cycle[1:] + cycle[:1])]
     if sum(gain[item, target] for item, target in moves) <= tolerance:
       return labels
     for item, target in moves:
@@ -460,15 +473,18 @@ def _cocluster_start(problem: _Problem, seed: int) -> tuple[np.ndarray, np.ndarr
     return keep
 
   best = -np.inf
-  for _ in range(_TYPE_MODEL_ITERATIONS):
+  for iteration in range(_TYPE_MODEL_ITERATIONS):
+    # The first assignments start from a regret-greedy deal: the quantile cut is far
+    # from optimal; later ones start from the previous labels.
+    warm = iteration > 0
     channel_by_block = s @ np.eye(blocks_count)[row_block]  # (K, R)
     type_by_block = np.eye(types_count)[channel_type].T @ channel_by_block  # (M, R)
     channel_type = _balanced_assignment(channel_by_block @ kept_types(type_by_block).T,
-                                        type_caps, channel_type)
+                                        type_caps, channel_type if warm else None)
     type_by_row = np.eye(types_count)[channel_type].T @ s  # (M, N)
     type_by_block = type_by_row @ np.eye(blocks_count)[row_block]
     row_block = _balanced_assignment(type_by_row.T @ kept_types(type_by_block),
-                                     block_caps, row_block)
+                                     block_caps, row_block if warm else None)
     type_by_block = type_by_row @ np.eye(blocks_count)[row_block]
     objective = float(np.sort(type_by_block, axis=0)[-KEPT_COLUMNS:].sum())
     if objective <= best * (1 + 1e-12):
@@ -485,23 +501,40 @@ def _cocluster_start(problem: _Problem, seed: int) -> tuple[np.ndarray, np.ndarr
 
 
 def _input_slot_step(problem: _Problem, device_scores: jax.Array, groups: np.ndarray,
-                     blocks: np.ndarray, slot: int) -> np.ndarray:
+                     blocks: np.ndarray, slot: int, rng: np.random.Generator) -> np.ndarray:
   """Takes slot ``slot``'s channel out of every group and re-inserts them optimally.
 
   The cost of every (channel, group) pair is the group's exact kept score with the
   channel (column-L1 rule); scipy's linear_sum_assignment maximises the total.
-  Padding channels stay where they are. Costs are computed for all groups so that
-  the jitted function sees one shape per layer.
+  Padding channels stay where they are. When G^2 x Np exceeds _MAX_SLOT_WORK the
+  groups are dealt at random (``rng``) into batches of equal size and each batch
+  solves its own assignment: the cost computation grows as G x batch instead of G^2.
+  ``device_scores`` is the (Kp + 1, Np) score matrix whose last row is a zero channel
+  that fills short batches, so the jitted function sees one shape per layer.
   """
-  costs = np.asarray(_slot_costs(device_scores, jnp.asarray(blocks),
-                                 jnp.asarray(np.delete(groups, slot, axis=1)),
-                                 jnp.asarray(groups[:, slot])), np.float64)
+  groups = groups.copy()
   movable = np.flatnonzero(groups[:, slot] < problem.k)
   if len(movable) < 2:
     return groups
-  chosen, target = linear_sum_assignment(costs[np.ix_(movable, movable)], maximize=True)
-  groups = groups.copy()
-  groups[movable[target], slot] = groups[movable[chosen], slot]
+  largest = max(2, _MAX_SLOT_WORK // (problem.groups_count * problem.scores.shape[1]))
+  if len(movable) <= largest:
+    batches = [np.arange(problem.groups_count)]  # all groups: one shape per layer
+  else:
+    batches = np.array_split(rng.permutation(movable), -(-len(movable) // largest))
+  width = max(len(batch) for batch in batches)
+  zero_channel = device_scores.shape[0] - 1
+  device_blocks = jnp.asarray(blocks)
+  for batch in batches:
+    members = np.full((width, problem.m), zero_channel)
+    members[:len(batch)] = groups[batch]
+    costs = np.asarray(_slot_costs(device_scores, device_blocks,
+                                   jnp.asarray(np.delete(members, slot, axis=1)),
+                                   jnp.asarray(members[:, slot])), np.float64)
+    inside = np.flatnonzero(groups[batch, slot] < problem.k)
+    if len(inside) < 2:
+      continue
+    chosen, target = linear_sum_assignment(costs[np.ix_(inside, inside)], maximize=True)
+    groups[batch[inside[target]], slot] = members[inside[chosen], slot]
   return groups
 
 
@@ -573,46 +606,65 @@ class _Best:
     return kept
 
 
-def _paper_search(problem: _Problem, inputs_matter: bool, outputs_matter: bool,
-                  deadline: float, best: _Best) -> None:
+@dataclasses.dataclass
+class _Search:
+  """What every search step needs: the problem, its device copy, the clock, the best."""
+
+  problem: _Problem
+  best: _Best
+  deadline: float
+  rng: np.random.Generator
+  inputs_matter: bool
+  outputs_matter: bool
+  device_scores: jax.Array = dataclasses.field(init=False)
+
+  def __post_init__(self):
+    # One zero channel appended: it fills short batches of the input step.
+    self.device_scores = jnp.asarray(np.pad(self.problem.scores, ((0, 1), (0, 0))))
+
+  def expired(self) -> bool:
+    return time.monotonic() >= self.deadline
+
+
+def _paper_search(search: _Search) -> None:
   """The reconstruction of the paper's procedure (zig-zag start, slot-by-slot steps)."""
-  device_scores = jnp.asarray(problem.scores)
+  problem = search.problem
   groups, blocks = _zigzag_start(problem)
-  if not outputs_matter:
-    blocks = best.blocks
-  best.offer(groups, blocks)
+  if not search.outputs_matter:
+    blocks = search.best.blocks
+  search.best.offer(groups, blocks)
   for _ in range(_PAPER_ROUNDS):
-    for slot in range(problem.m if inputs_matter else 0):
-      if time.monotonic() < deadline:
-        groups = _input_slot_step(problem, device_scores, groups, blocks, slot)
-    if outputs_matter and time.monotonic() < deadline:
+    for slot in range(problem.m if search.inputs_matter else 0):
+      if not search.expired():
+        groups = _input_slot_step(problem, search.device_scores, groups, blocks, slot,
+                                  search.rng)
+    if search.outputs_matter and not search.expired():
       blocks = _output_slot_step(problem, groups, blocks)
-    best.offer(groups, blocks)
+    search.best.offer(groups, blocks)
 
 
-def _local_search(problem: _Problem, device_scores: jax.Array, groups: np.ndarray,
-                  blocks: np.ndarray, inputs_matter: bool, outputs_matter: bool,
-                  deadline: float, best: _Best, tolerance: float) -> None:
+def _local_search(search: _Search, groups: np.ndarray, blocks: np.ndarray,
+                  tolerance: float) -> None:
   """Input slot steps with an output step after every few, until a cycle stops paying.
 
-  A cycle is one step per slot. The search stops after _PATIENCE cycles in a row
-  that raise the best kept score by less than ``tolerance``.
+  A cycle is one input step per slot. The search stops after _PATIENCE cycles in a
+  row that raise the best kept score by less than ``tolerance``.
   """
+  problem = search.problem
   stalled = 0
   for _ in range(_MAX_CYCLES):
-    before = best.kept
-    for slot in range(problem.m):
-      if time.monotonic() >= deadline:
+    before = search.best.kept
+    for slot in range(problem.m if search.inputs_matter else 1):
+      if search.expired():
         return
-      if inputs_matter:
-        groups = _input_slot_step(problem, device_scores, groups, blocks, slot)
-      if outputs_matter and (slot % _OUTPUT_EVERY == _OUTPUT_EVERY - 1
-                             or slot == problem.m - 1 or not inputs_matter):
-        blocks = _output_step(problem, device_scores, groups, blocks)
-      if not inputs_matter:
-        break
-    best.offer(groups, blocks)
-    stalled = stalled + 1 if best.kept - before < tolerance else 0
+      if search.inputs_matter:
+        groups = _input_slot_step(problem, search.device_scores, groups, blocks, slot,
+                                  search.rng)
+      if search.outputs_matter and (slot % _OUTPUT_EVERY == _OUTPUT_EVERY - 1
+                                    or slot == problem.m - 1 or not search.inputs_matter):
+        blocks = _output_step(problem, search.device_scores[:-1], groups, blocks)
+    search.best.offer(groups, blocks)
+    stalled = stalled + 1 if search.best.kept - before < tolerance else 0
     if stalled >= _PATIENCE:
       return
 
@@ -621,42 +673,41 @@ def _search(problem: _Problem, method: str, search_outputs: bool, seed: int,
             deadline: float) -> tuple[np.ndarray, np.ndarray]:
   """Returns the best (groups, blocks) found before ``deadline`` (time.monotonic())."""
   identity_groups, identity_blocks = problem.identity()
-  best = _Best(problem, identity_groups, identity_blocks)
   # Outputs matter only when blocks share columns: M > 4, V > 1 and several blocks.
-  outputs_matter = (search_outputs and problem.m > KEPT_COLUMNS and problem.v > 1
-                    and problem.blocks_count > 1)
-  inputs_matter = problem.groups_count > 1
-  if not (inputs_matter or outputs_matter):
+  search = _Search(
+      problem=problem, best=_Best(problem, identity_groups, identity_blocks),
+      deadline=deadline, rng=np.random.default_rng(seed),
+      inputs_matter=problem.groups_count > 1,
+      outputs_matter=(search_outputs and problem.m > KEPT_COLUMNS and problem.v > 1
+                      and problem.blocks_count > 1))
+  best = search.best
+  if not (search.inputs_matter or search.outputs_matter):
     return best.groups, best.blocks
   if method == "paper":
-    _paper_search(problem, inputs_matter, outputs_matter, deadline, best)
+    _paper_search(search)
     return best.groups, best.blocks
 
-  if outputs_matter and inputs_matter:
+  if search.outputs_matter and search.inputs_matter:
     groups, blocks = _cocluster_start(problem, seed)
   else:
     groups, blocks = _zigzag_start(problem)
-    if not outputs_matter:
+    if not search.outputs_matter:
       blocks = identity_blocks
   best.offer(groups, blocks)
   gap = (unstructured_kept_score(problem.scores[:problem.k, :problem.n], 2 / problem.m)
          - best.kept)
   tolerance = _STALL_SHARE * max(gap, 0.0)
-  device_scores = jnp.asarray(problem.scores)
-  _local_search(problem, device_scores, groups, blocks, inputs_matter, outputs_matter,
-                deadline, best, tolerance)
-  rng = np.random.default_rng(seed)
-  for _ in range(_RESLOT_ROUNDS if inputs_matter else 0):
-    if time.monotonic() >= deadline:
+  _local_search(search, groups, blocks, tolerance)
+  for _ in range(_RESLOT_ROUNDS if search.inputs_matter else 0):
+    if search.expired():
       break
     # Shuffle each group's channels among its slots (padding stays last) so the next
-    # input steps take different channels out together; keep the result if better.
+    # input steps take different channels out together; the best result is kept.
     shuffled = best.groups.copy()
     for group in shuffled:
       real = group < problem.k
-      group[real] = rng.permutation(group[real])
-    _local_search(problem, device_scores, shuffled, best.blocks, inputs_matter,
-                  outputs_matter, deadline, best, tolerance)
+      group[real] = search.rng.permutation(group[real])
+    _local_search(search, shuffled, best.blocks, tolerance)
   return best.groups, best.blocks
 
 

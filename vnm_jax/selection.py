@@ -255,6 +255,9 @@ def measure_speedups(gemm_shapes, candidates: Sequence[VNMConfig | str | tuple[i
   return {key: dense / vnm for key, (dense, vnm) in totals.items()}
 
 
+MODELS = ("smollm2-135m", "vit-digits")
+
+
 def _named_model_shapes(name: str) -> dict[tuple[int, int], int]:
   """GEMM shapes of a known architecture, from abstract (unallocated) parameters."""
   from flax import nnx
@@ -268,9 +271,6 @@ def _named_model_shapes(name: str) -> dict[tuple[int, int], int]:
   else:
     raise ValueError(f"--model must be one of {MODELS}, got {name!r}.")
   return model_gemm_shapes(nnx.state(model))
-
-
-MODELS = ("smollm2-135m", "vit-digits")
 
 
 def _shape_argument(text: str) -> dict[tuple[int, int], int]:
