@@ -57,9 +57,9 @@ from tqdm.auto import tqdm
 
 from vnm_jax.calibration import collect_input_norms
 from vnm_jax.config import VNMConfig
+from vnm_jax.layers import VNMLinear, convert_to_vnm
 from vnm_jax.lora import init_lora, lora_masks, lora_params, merge_lora, three_stage_lora
 from vnm_jax.masks import is_vnm
-from vnm_jax.layers import VNMLinear, convert_to_vnm
 from vnm_jax.models.llama import Llama, generate_greedy
 from vnm_jax.permutation import Permutation, permute, unpermute
 from vnm_jax.permutation_search import find_permutation

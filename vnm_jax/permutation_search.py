@@ -380,22 +380,37 @@ def _slot_costs(scores: jax.Array, blocks: jax.Array, others: jax.Array,
   return jax.lax.map(chunk_costs, chunks).reshape(padded, -1)[:count]
 
 
+def _top2_of_4(values: jax.Array) -> jax.Array:
+  """Sum of the 2 largest of 4 entries along axis 1 (a comparison network)."""
+  high_a = jnp.maximum(values[:, 0], values[:, 1])
+  low_a = jnp.minimum(values[:, 0], values[:, 1])
+  high_b = jnp.maximum(values[:, 2], values[:, 3])
+  low_b = jnp.minimum(values[:, 2], values[:, 3])
+  return (jnp.maximum(high_a, high_b)
+          + jnp.maximum(jnp.minimum(high_a, high_b), jnp.maximum(low_a, low_b)))
+
+
 @jax.jit
 def _row_benefits(scores: jax.Array, groups: jax.Array, blocks: jax.Array) -> jax.Array:
   """Kept score of every row in every block, with each block's current kept columns.
 
-  scores: (Kp, Np); groups: (G, M); blocks: (R, V). The kept columns of (block, group)
-  are the 4 with the largest L1 over the block's rows (column-L1 rule). Returns (R, Np).
+  scores: (Kp', Np) (rows past those ``groups`` names are ignored); groups: (G, M);
+  blocks: (R, V). The kept columns of (block, group) are the 4 with the largest L1
+  over the block's rows (column-L1 rule). Returns (R, Np).
   """
   grouped = scores[groups]  # (G, M, Np)
   column_l1 = grouped[:, :, blocks].sum(-1)  # (G, M, R)
-  kept = _rank_top(column_l1, KEPT_COLUMNS, axis=1)  # (G, M, R)
+  kept = _rank_top(column_l1, KEPT_COLUMNS, axis=1)
+  # The p-th kept column of every (group, block), in increasing column order.
+  order = jnp.cumsum(kept, axis=1) * kept  # 1..4 at kept columns, 0 elsewhere
+  column = jnp.arange(grouped.shape[1])[None, :, None]
+  kept_columns = jnp.stack([jnp.sum(jnp.where(order == p + 1, column, 0), axis=1)
+                            for p in range(KEPT_COLUMNS)], axis=1)  # (G, 4, R)
 
-  def one_block(kept_columns):  # (G, M)
-    values = jnp.where(kept_columns[..., None], grouped, -jnp.inf)
-    return sum(_top_two(values, axis=1)).sum(0)
+  def one_block(columns):  # (G, 4)
+    return _top2_of_4(jnp.take_along_axis(grouped, columns[:, :, None], axis=1)).sum(0)
 
-  return jax.lax.map(one_block, kept.transpose(2, 0, 1))
+  return jax.lax.map(one_block, kept_columns.transpose(2, 0, 1))
 
 
 def _zigzag_deal(order: np.ndarray, capacities: np.ndarray, real: int,
@@ -662,7 +677,7 @@ def _local_search(search: _Search, groups: np.ndarray, blocks: np.ndarray,
                                   search.rng)
       if search.outputs_matter and (slot % _OUTPUT_EVERY == _OUTPUT_EVERY - 1
                                     or slot == problem.m - 1 or not search.inputs_matter):
-        blocks = _output_step(problem, search.device_scores[:-1], groups, blocks)
+        blocks = _output_step(problem, search.device_scores, groups, blocks)
     search.best.offer(groups, blocks)
     stalled = stalled + 1 if search.best.kept - before < tolerance else 0
     if stalled >= _PATIENCE:
