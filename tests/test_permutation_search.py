@@ -37,8 +37,9 @@ def _is_ordering(order, length):
   return order is None or np.array_equal(np.sort(np.asarray(order)), np.arange(length))
 
 
-# Shapes that do not divide (K % M, N % V) included; (K, N, V, M).
-CASES = [(40, 32, 8, 5), (42, 30, 8, 8), (33, 20, 4, 6), (24, 16, 1, 4), (20, 24, 16, 4)]
+# (K, N, V, M). The tests reuse these few shapes: every new one compiles the search.
+# 42 x 30 at 8:2:8 pads both axes; 1:2:4 is plain 2:4.
+CASES = [(40, 32, 8, 5), (42, 30, 8, 8), (24, 16, 1, 4)]
 
 
 @pytest.mark.parametrize("method", ["cocluster", "paper"])
@@ -61,7 +62,7 @@ def test_permuted_mask_is_vnm_and_keeps_at_least_identity(k, n, v, m, method):
   assert ps.kept_score(scores, config, permutation=p) == pytest.approx(kept, rel=1e-6)
 
 
-@pytest.mark.parametrize("k, n, v, m", [(40, 32, 8, 5), (48, 40, 4, 8)])
+@pytest.mark.parametrize("k, n, v, m", CASES[:2])
 def test_search_beats_identity_and_paper_baseline(k, n, v, m):
   kernel = _kernel(k, n, seed=3)
   config = VNMConfig(v, 2, m)
@@ -88,8 +89,8 @@ def _planted(k, n, v, m, seed):
 
 
 def test_search_recovers_most_of_a_planted_structure():
-  scrambled, hidden = _planted(48, 32, 8, 6, seed=0)
-  config = VNMConfig(8, 2, 6)
+  scrambled, hidden = _planted(40, 32, 8, 5, seed=0)
+  config = VNMConfig(8, 2, 5)
   optimum = ps.kept_score(hidden, config)
   identity = ps.kept_score(scrambled, config)
   found = ps.kept_score(scrambled, config, permutation=ps.find_permutation(scrambled, config))
@@ -116,19 +117,19 @@ def test_unstructured_kept_score():
 
 
 def test_never_worse_than_identity_when_identity_is_optimal():
-  # Exactly 64:2:8 in the identity order with nothing else: identity keeps everything.
-  _, hidden = _planted(32, 16, 8, 8, seed=2)
+  # Exactly 8:2:5 in the identity order with nothing else: identity keeps everything.
+  _, hidden = _planted(40, 32, 8, 5, seed=2)
   clean = np.where(hidden >= 1, hidden, 0).astype(np.float32)
-  config = VNMConfig(8, 2, 8)
+  config = VNMConfig(8, 2, 5)
   p = ps.find_permutation(clean, config)
   assert ps.kept_score(clean, config, permutation=p) == pytest.approx(clean.sum(), rel=1e-6)
 
 
 def test_outputs_are_left_alone_where_they_cannot_matter():
-  kernel = _kernel(32, 24)
-  for config in ("4:2:4", "1:2:8", "32:2:8"):  # 2:4, V = 1, a single row block
+  kernel = _kernel(40, 32)
+  for config in ("8:2:4", "1:2:5", "32:2:5"):  # 2:4, V = 1, a single row block
     assert ps.find_permutation(kernel, config).outputs is None
-  assert ps.find_permutation(kernel, "8:2:8", search_outputs=False).outputs is None
+  assert ps.find_permutation(kernel, "8:2:5", search_outputs=False).outputs is None
 
 
 def test_deterministic_for_a_seed_and_time_budget_returns_a_valid_answer():
@@ -152,11 +153,11 @@ def test_scores_drive_the_search():
 
 
 def test_nd_kernel_with_in_axes():
-  kernel = _kernel(24, 48).reshape(24, 4, 12)  # (in, heads, head_dim)
-  p = ps.find_permutation(kernel, "8:2:6", in_axes=(0,))
-  mask = vnm_mask(kernel, "8:2:6", in_axes=(0,), permutation=p)
-  matrix_mask = np.asarray(mask).reshape(24, 48)
-  assert ref.structure_ok(_permuted(matrix_mask, p), 8, 6)
+  kernel = _kernel(40, 32).reshape(40, 4, 8)  # (in, heads, head_dim)
+  p = ps.find_permutation(kernel, "8:2:5", in_axes=(0,))
+  mask = vnm_mask(kernel, "8:2:5", in_axes=(0,), permutation=p)
+  matrix_mask = np.asarray(mask).reshape(40, 32)
+  assert ref.structure_ok(_permuted(matrix_mask, p), 8, 5)
 
 
 def test_bad_input_gives_clear_errors():
@@ -186,7 +187,7 @@ def test_bad_input_gives_clear_errors():
     compress(kernel, "8:2:8", permutation=Permutation(np.arange(17), None))
 
 
-@pytest.mark.parametrize("k, n, v, m", [(40, 32, 8, 5), (37, 20, 16, 8)])
+@pytest.mark.parametrize("k, n, v, m", CASES[:2])
 def test_compress_and_matmul_with_permutation_equal_dense_math(k, n, v, m):
   kernel = _kernel(k, n, seed=11)
   config = VNMConfig(v, 2, m)
@@ -206,9 +207,9 @@ def _swiglu(x, gate, up, down):
 
 
 def test_fold_keeps_a_swiglu_mlp_function():
-  d, f = 24, 48
+  d, f = 32, 40
   gate, up, down = _kernel(d, f, 1), _kernel(d, f, 2), _kernel(f, d, 3)
-  config = VNMConfig(8, 2, 6)
+  config = VNMConfig(8, 2, 5)
   p_up = ps.find_permutation(up, config)
   p_down = ps.find_permutation(down, config)
   up_mask = vnm_mask(up, config, permutation=p_up)
@@ -237,7 +238,7 @@ def test_fold_keeps_a_swiglu_mlp_function():
 
 
 def test_fold_keeps_an_mlp_with_bias():
-  d, f = 20, 32
+  d, f = 32, 40
   up, down = _kernel(d, f, 4), _kernel(f, d, 5)
   bias = np.random.default_rng(1).standard_normal(f).astype(np.float32)
   p = ps.find_permutation(up, "8:2:5")
@@ -290,12 +291,16 @@ def test_fold_rejects_mismatched_shapes():
     ps.fold_output_permutation(up, np.zeros((32, 8)), p, query_groups=2)
 
 
+def _array(leaf):
+  return np.asarray(leaf[...] if isinstance(leaf, nnx.Variable) else leaf)
+
+
 class _Mlp(nnx.Module):
 
   def __init__(self, rngs):
-    self.up = nnx.Linear(24, 40, rngs=rngs)
-    self.down = nnx.Linear(40, 24, rngs=rngs)
-    self.norm = nnx.LayerNorm(24, rngs=rngs)
+    self.up = nnx.Linear(32, 40, rngs=rngs)
+    self.down = nnx.Linear(40, 32, rngs=rngs)
+    self.norm = nnx.LayerNorm(32, rngs=rngs)
 
 
 def test_tree_permutations_feed_tree_masks():
@@ -306,10 +311,9 @@ def test_tree_permutations_feed_tree_masks():
   for path, module_kernel, mask in (("up/kernel", state["up"]["kernel"], masks["up"]["kernel"]),
                                     ("down/kernel", state["down"]["kernel"],
                                      masks["down"]["kernel"])):
-    kernel = np.asarray(module_kernel.value if hasattr(module_kernel, "value") else module_kernel)
+    kernel = _array(module_kernel)
     expected = vnm_mask(kernel, "8:2:5", permutation=permutations[path])
-    np.testing.assert_array_equal(np.asarray(mask.value if hasattr(mask, "value") else mask),
-                                  np.asarray(expected))
+    np.testing.assert_array_equal(_array(mask), np.asarray(expected))
   by_path = {layer.path: layer for layer in table.layers}
   for layer in table.layers:
     assert layer.kept_permuted >= layer.kept_identity
@@ -317,15 +321,16 @@ def test_tree_permutations_feed_tree_masks():
     assert 0 <= layer.gap_closed <= 1
   text = str(table)
   assert "up/kernel" in text and "gap closed" in text and "mean gap closed" in text
-  assert by_path["up/kernel"].shape == (24, 40)
+  assert by_path["up/kernel"].shape == (32, 40)
 
 
 def test_tree_permutations_on_a_linen_dict_with_given_scores():
   rng = np.random.default_rng(0)
-  params = {"params": {"dense": {"kernel": _kernel(30, 20), "bias": np.zeros(20)},
-                       "embed": {"embedding": rng.standard_normal((50, 30))}}}
-  scores = {"dense/kernel": rng.random((30, 20)).astype(np.float32)}
-  permutations, table = ps.tree_permutations(params, "4:2:6", scores=scores, progress=False)
+  params = {"params": {"dense": {"kernel": _kernel(42, 30), "bias": np.zeros(30)},
+                       "embed": {"embedding": rng.standard_normal((50, 42))}}}
+  scores = {"dense/kernel": rng.random((42, 30)).astype(np.float32)}
+  permutations, table = ps.tree_permutations(params, "8:2:8", scores=scores, progress=False)
   assert list(permutations) == ["params/dense/kernel"]
   (layer,) = table.layers
-  assert layer.kept_identity == pytest.approx(ps.kept_score(scores["dense/kernel"], "4:2:6"))
+  assert layer.kept_identity == pytest.approx(ps.kept_score(scores["dense/kernel"], "8:2:8"))
+  assert layer.kept_permuted > layer.kept_identity

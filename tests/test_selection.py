@@ -162,22 +162,43 @@ def test_model_gemm_shapes_counts_selected_kernels():
     model_gemm_shapes(params, filter="nothing-matches")
 
 
-def test_named_model_shapes_smollm2():
-  shapes = selection._named_model_shapes("smollm2-135m")
-  # 30 blocks: q, o (576x576), k, v (576x192), gate, up (576x1536), down (1536x576).
-  assert shapes == {(576, 576): 60, (576, 192): 60, (576, 1536): 60, (1536, 576): 30}
+def test_llama_gemm_shapes_match_the_model():
+  from flax import nnx
+
+  from vnm_jax.models.llama import Llama, LlamaConfig
+
+  small = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=80, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=12)
+  model = nnx.eval_shape(lambda: Llama(small, rngs=nnx.Rngs(0)))
+  assert selection.llama_gemm_shapes(small) == model_gemm_shapes(nnx.state(model))
+  # SmolLM2-135M: q, o (576x576), k, v (576x192), gate, up (576x1536), down (1536x576).
+  assert selection.llama_gemm_shapes(LlamaConfig.smollm2_135m()) == {
+      (576, 576): 60, (576, 192): 60, (576, 1536): 60, (1536, 576): 30}
 
 
-def test_cli_select_prints_table_and_choice(capsys):
-  assert selection.main(["--shapes", "40x24", "--candidates", "8:2:5,8:2:8", "--target",
-                         "0.01", "--tokens", "4", "--repeats", "1"]) == 0
+@pytest.fixture
+def fake_benchmark(monkeypatch):
+  """measure_matmul_speedup replaced by fixed speedups: 1.2x at M=5, 1.8x at M=8."""
+  measure, calls = _fake_timing({(40, 24): 1.0, (576, 1536): 2.0}, {5: 1.2, 8: 1.8})
+  from vnm_jax import benchmarking
+  monkeypatch.setattr(benchmarking, "measure_matmul_speedup", measure)
+  return calls
+
+
+def test_cli_select_prints_table_and_choice(capsys, fake_benchmark):
+  assert selection.main(["--shapes", "40x24,576x1536", "--candidates", "8:2:5,8:2:8",
+                         "--target", "1.5", "--tokens", "4"]) == 0
   out = capsys.readouterr().out
-  assert "8:2:5" in out and "8:2:8" in out
-  # Both meet a 0.01x target, so the more diverse 8:2:5 is chosen.
-  assert "choice: 8:2:5" in out
+  assert "8:2:5" in out and "1.200x" in out and "1.800x" in out
+  # Only M=8 meets 1.5x; with a lower target the more diverse 8:2:5 wins.
+  assert "choice: 8:2:8" in out
+  assert selection.main(["--shapes", "40x24", "--candidates", "8:2:5,8:2:8", "--target",
+                         "1.1"]) == 0
+  assert "choice: 8:2:5" in capsys.readouterr().out
+  assert {(k, n) for k, n, _, _ in fake_benchmark} == {(40, 24), (576, 1536)}
 
 
-def test_cli_select_reports_when_nothing_meets_target(capsys):
-  assert selection.main(["--shapes", "40x24", "--candidates", "8:2:8", "--target", "1000",
-                         "--tokens", "4", "--repeats", "1"]) == 1
+def test_cli_select_reports_when_nothing_meets_target(capsys, fake_benchmark):
+  assert selection.main(["--shapes", "40x24", "--candidates", "8:2:8", "--target",
+                         "1000"]) == 1
   assert "no candidate reaches the target speedup 1000" in capsys.readouterr().out

@@ -282,8 +282,8 @@ class PipelinePreset:
 PRESETS = {
     # `vnm-jax demo`: a few minutes on 2 idle CPU cores.
     "short": PipelinePreset(
-        name="short", dense=TrainConfig(epochs=20),
-        finetune=TrainConfig(epochs=3, learning_rate=5e-4), configs=("64:2:5", "64:2:8"),
+        name="short", dense=TrainConfig(epochs=25),
+        finetune=TrainConfig(epochs=6, learning_rate=1e-3), configs=("64:2:5", "64:2:8"),
         permutation_seconds=0.5, speed_batch=64, speed_repeats=5),
     "full": PipelinePreset(name="full"),
 }

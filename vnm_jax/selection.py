@@ -255,22 +255,37 @@ def measure_speedups(gemm_shapes, candidates: Sequence[VNMConfig | str | tuple[i
   return {key: dense / vnm for key, (dense, vnm) in totals.items()}
 
 
+def llama_gemm_shapes(config) -> dict[tuple[int, int], int]:
+  """{(in, out): count} of the prunable kernels of a :class:`vnm_jax.models.llama.Llama`.
+
+  Per block: q (hidden, heads*head_dim), k and v (hidden, kv_heads*head_dim), o
+  (heads*head_dim, hidden), gate and up (hidden, ffn), down (ffn, hidden); the same
+  as :func:`model_gemm_shapes` of the model, without building it.
+  """
+  hidden, ffn = config.hidden_size, config.intermediate_size
+  q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+  shapes: dict[tuple[int, int], int] = {}
+  for shape in [(hidden, q), (hidden, kv), (hidden, kv), (q, hidden), (hidden, ffn),
+                (hidden, ffn), (ffn, hidden)]:
+    shapes[shape] = shapes.get(shape, 0) + config.num_layers
+  return shapes
+
+
 MODELS = ("smollm2-135m", "vit-digits")
 
 
 def _named_model_shapes(name: str) -> dict[tuple[int, int], int]:
-  """GEMM shapes of a known architecture, from abstract (unallocated) parameters."""
-  from flax import nnx
-
+  """GEMM shapes of a known architecture (SmolLM2-135M; the digits ViT's defaults)."""
   if name == "smollm2-135m":
-    from vnm_jax.models.llama import Llama, LlamaConfig
-    model = nnx.eval_shape(lambda: Llama(LlamaConfig.smollm2_135m(), rngs=nnx.Rngs(0)))
-  elif name == "vit-digits":
+    from vnm_jax.models.llama import LlamaConfig
+    return llama_gemm_shapes(LlamaConfig.smollm2_135m())
+  if name == "vit-digits":
+    from flax import nnx
+
     from vnm_jax.models.vit import ViT, ViTConfig
-    model = nnx.eval_shape(lambda: ViT(ViTConfig(), rngs=nnx.Rngs(0)))
-  else:
-    raise ValueError(f"--model must be one of {MODELS}, got {name!r}.")
-  return model_gemm_shapes(nnx.state(model))
+    return model_gemm_shapes(nnx.state(nnx.eval_shape(lambda: ViT(ViTConfig(),
+                                                                  rngs=nnx.Rngs(0)))))
+  raise ValueError(f"--model must be one of {MODELS}, got {name!r}.")
 
 
 def _shape_argument(text: str) -> dict[tuple[int, int], int]:
