@@ -58,10 +58,11 @@ def _share(kept: float, identity: float, unstructured: float) -> float:
 
 
 def evaluate_layer(kernel: np.ndarray, config: VNMConfig, method: str,
-                   time_budget_s: float | None) -> dict:
+                   time_budget_s: float | None, tolerance: float = 5e-4) -> dict:
   scores = np.abs(kernel)
   start = time.perf_counter()
-  permutation = find_permutation(kernel, config, method=method, time_budget_s=time_budget_s)
+  permutation = find_permutation(kernel, config, method=method, time_budget_s=time_budget_s,
+                                 tolerance=tolerance)
   seconds = time.perf_counter() - start
   unstructured = unstructured_kept_score(scores, config.density)
   row = {"seconds": seconds, "total": float(scores.sum(dtype=np.float64)),
@@ -76,13 +77,14 @@ def evaluate_layer(kernel: np.ndarray, config: VNMConfig, method: str,
   return row
 
 
-def quality(layers: dict[str, np.ndarray], configs, methods, time_budget_s) -> list[dict]:
+def quality(layers: dict[str, np.ndarray], configs, methods, time_budget_s,
+            tolerance: float) -> list[dict]:
   results = []
   for config in configs:
     for method in methods:
       rows = {}
       for name, kernel in layers.items():
-        rows[name] = evaluate_layer(kernel, config, method, time_budget_s)
+        rows[name] = evaluate_layer(kernel, config, method, time_budget_s, tolerance)
         print(f"  {config} {method:9s} {name:18s} {kernel.shape[0]:5d}x{kernel.shape[1]:<5d} "
               f"gap closed {rows[name]['column_l1']['gap_closed']:.3f} (column_l1) "
               f"{rows[name]['exhaustive']['gap_closed']:.3f} (exhaustive) "
@@ -130,7 +132,7 @@ def markdown(results: list[dict], large: list[dict], load: tuple) -> str:
             "| layer | shape | " + " | ".join(f"{r['config']} {r['method']}" for r in results)
             + " |", "|---|---|" + "---|" * len(results)]
   for name in results[0]["layers"] if results else []:
-    shape = next(iter(results))["layers"][name].get("shape", "")
+    shape = results[0]["layers"][name].get("shape", "")
     cells = [f"{r['layers'][name]['column_l1']['gap_closed']:.3f} ({r['layers'][name]['seconds']:.1f} s)"
              for r in results]
     lines.append(f"| {name} | {shape} | " + " | ".join(cells) + " |")
@@ -152,6 +154,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--methods", default="paper,cocluster")
   parser.add_argument("--time-budget-s", type=float, default=None,
                       help="per-layer search budget for the quality table (default: none)")
+  parser.add_argument("--tolerance", type=float, default=5e-4,
+                      help="find_permutation's stopping tolerance (default %(default)s)")
   parser.add_argument("--large-budgets", default="none,100",
                       help="time budgets for the 4096 x 4096 run ('none' = until converged)")
   parser.add_argument("--skip-large", action="store_true")
@@ -162,7 +166,7 @@ def main(argv=None) -> dict:
   methods = args.methods.split(",")
   print(f"load average at start: {os.getloadavg()}", flush=True)
   layers = load_layers(args.gguf)
-  results = quality(layers, configs, methods, args.time_budget_s)
+  results = quality(layers, configs, methods, args.time_budget_s, args.tolerance)
   for result in results:
     for name, row in result["layers"].items():
       row["shape"] = "x".join(map(str, layers[name].shape))

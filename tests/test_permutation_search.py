@@ -172,6 +172,8 @@ def test_bad_input_gives_clear_errors():
     ps.find_permutation(kernel, "8:2:8", method="annealing")
   with pytest.raises(ValueError, match="time_budget_s must be a positive"):
     ps.find_permutation(kernel, "8:2:8", time_budget_s=0)
+  with pytest.raises(ValueError, match="tolerance must be a share"):
+    ps.find_permutation(kernel, "8:2:8", tolerance=-0.1)
   with pytest.raises(ValueError, match="rule must be one of"):
     ps.find_permutation(kernel, "8:2:8", rule="l2")
   with pytest.raises(ValueError, match="config must look like"):

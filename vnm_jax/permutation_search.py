@@ -24,8 +24,8 @@ The search (``method="cocluster"``, the default):
    computation); after every two input steps an output step re-clusters the rows:
    every row goes to the block where it keeps most given the blocks' current
    columns, block sizes fixed (a balanced transportation problem, solved exactly by
-   cycle cancelling). It stops when two cycles in a row close less than 0.05 % of
-   the gap to unstructured pruning.
+   cycle cancelling). It stops when two cycles in a row each close less than
+   ``tolerance`` (default 0.05 %) of the gap to unstructured pruning.
 3. Re-slotting: the channels of each group are shuffled among its slots (seeded) and
    the local search runs again from the best grouping, so that the input steps take
    different channels out together; the better result is kept.
@@ -66,11 +66,10 @@ METHODS = ("cocluster", "paper")
 _PAPER_ROUNDS = 2
 # The local search runs an output step after every _OUTPUT_EVERY input slot steps and
 # stops after _PATIENCE cycles (one step per slot) in a row that each close less than
-# _STALL_SHARE of the gap between the start and unstructured pruning, or after
-# _MAX_CYCLES cycles.
+# ``tolerance`` (find_permutation's argument) of the gap between the start and
+# unstructured pruning, or after _MAX_CYCLES cycles.
 _OUTPUT_EVERY = 2
 _PATIENCE = 2
-_STALL_SHARE = 5e-4
 _MAX_CYCLES = 60
 # Re-slotting restarts of the local search once it has stalled.
 _RESLOT_ROUNDS = 1
@@ -377,6 +376,8 @@ def _slot_costs(scores: jax.Array, blocks: jax.Array, others: jax.Array,
 
   count = candidates.shape[0]
   chunk = max(1, min(count, _COST_CHUNK_ELEMENTS // max(1, top2.size)))
+  if chunk == count:  # one chunk: no loop (compiles faster)
+    return chunk_costs((inserted_values, inserted_l1))
   padded = -(-count // chunk) * chunk
   pad = ((0, padded - count),)
   chunks = (jnp.pad(inserted_values, pad + ((0, 0), (0, 0))).reshape(
@@ -588,8 +589,8 @@ def _output_slot_step(problem: _Problem, groups: np.ndarray, blocks: np.ndarray)
   """The paper's output step: per slot, re-insert one row of every block by assignment.
 
   Exact under the column-L1 rule: per (row, group, 4-subset) the row's top-2 score is
-  tabulated (``row_kept``); a block's kept score is then a sum of table entries at the
-  subset its column L1s choose.
+  tabulated (``row_kept``, memory N x G x C(M,4)); a block's kept score is then a sum
+  of table entries at the subset its column L1s choose.
   """
   blocks = blocks.copy()
   m = problem.m
@@ -597,7 +598,7 @@ def _output_slot_step(problem: _Problem, groups: np.ndarray, blocks: np.ndarray)
   code = np.full(1 << m, -1, np.intp)
   for index, subset in enumerate(itertools.combinations(range(m), KEPT_COLUMNS)):
     code[sum(1 << j for j in subset)] = index
-  rows_by_group = problem.scores[groups].transpose(2, 0, 1).astype(np.float64)  # (Np, G, M)
+  rows_by_group = problem.scores[groups].transpose(2, 0, 1)  # (Np, G, M)
   pair_sums = rows_by_group[..., pairs[:, 0]] + rows_by_group[..., pairs[:, 1]]
   row_kept = pair_sums[..., subset_pairs].max(-1)  # (Np, G, C)
   block_l1 = rows_by_group[blocks].sum(1)  # (R, G, M)
@@ -707,7 +708,7 @@ def _local_search(search: _Search, groups: np.ndarray, blocks: np.ndarray,
 
 
 def _search(problem: _Problem, method: str, search_outputs: bool, seed: int,
-            deadline: float) -> tuple[np.ndarray, np.ndarray]:
+            deadline: float, tolerance: float) -> tuple[np.ndarray, np.ndarray]:
   """Returns the best (groups, blocks) found before ``deadline`` (time.monotonic())."""
   identity_groups, identity_blocks = problem.identity()
   # Outputs matter only when blocks share columns: M > 4, V > 1 and several blocks.
@@ -732,8 +733,8 @@ def _search(problem: _Problem, method: str, search_outputs: bool, seed: int,
   best.offer(groups, blocks)
   gap = (unstructured_kept_score(problem.scores[:problem.k, :problem.n], 2 / problem.m)
          - best.kept)
-  tolerance = _STALL_SHARE * max(gap, 0.0)
-  _local_search(search, groups, blocks, tolerance)
+  stall = tolerance * max(gap, 0.0)
+  _local_search(search, groups, blocks, stall)
   for _ in range(_RESLOT_ROUNDS if search.inputs_matter else 0):
     if search.expired():
       break
@@ -743,7 +744,7 @@ def _search(problem: _Problem, method: str, search_outputs: bool, seed: int,
     for group in shuffled:
       real = group < problem.k
       group[real] = search.rng.permutation(group[real])
-    _local_search(search, shuffled, best.blocks, tolerance)
+    _local_search(search, shuffled, best.blocks, stall)
   return best.groups, best.blocks
 
 
@@ -752,19 +753,22 @@ def _search(problem: _Problem, method: str, search_outputs: bool, seed: int,
 
 
 def _scores_matrix(kernel, scores, in_axes) -> np.ndarray:
-  kernel = jnp.asarray(kernel)
+  """Validated float32 scores (|kernel| when None) as the 2D (in, out) view."""
+  shape = tuple(np.shape(kernel))
   if scores is None:
     values = np.abs(np.asarray(kernel, np.float32))
   else:
     values = np.asarray(scores, np.float32)
-    if values.shape != kernel.shape:
-      raise ValueError(f"scores must have the kernel's shape {kernel.shape}, got {values.shape}.")
+    if values.shape != shape:
+      raise ValueError(f"scores must have the kernel's shape {shape}, got {values.shape}.")
   if not np.all(np.isfinite(values)):
     raise ValueError("scores (or |kernel|) contain NaN or infinite entries; importance scores "
                      "must be finite.")
   if np.any(values < 0):
     raise ValueError(f"scores contain negative entries (min {float(values.min()):.4g}); "
                      f"importance scores must be >= 0 (e.g. |W|).")
+  if values.ndim == 2 and in_axes is None:
+    return values
   return np.asarray(as_matrix(jnp.asarray(values), in_axes), np.float32)
 
 
@@ -825,7 +829,7 @@ def unstructured_kept_score(scores, density: float) -> float:
 def find_permutation(kernel, config: VNMConfig | str, *, scores=None, rule: str = "column_l1",
                      time_budget_s: float | None = None, seed: int = 0,
                      method: Method = "cocluster", search_outputs: bool = True,
-                     in_axes=None) -> Permutation:
+                     tolerance: float = 5e-4, in_axes=None) -> Permutation:
   """Input and output channel orderings that make V:N:M pruning keep more score.
 
   Args:
@@ -844,6 +848,9 @@ def find_permutation(kernel, config: VNMConfig | str, *, scores=None, rule: str 
       the paper's procedure, the benchmark baseline).
     search_outputs: False keeps the output order (``outputs`` is None), e.g. when the
       output order cannot be undone or folded.
+    tolerance: the local search stops after two cycles in a row that each close less
+      than this share of the gap between its start and unstructured pruning (0: go
+      on while anything improves, up to 60 cycles or the time budget).
     in_axes: contraction axes of an nD kernel.
 
   Returns:
@@ -863,11 +870,13 @@ def find_permutation(kernel, config: VNMConfig | str, *, scores=None, rule: str 
                      f"{time_budget_s!r}.")
   if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
     raise TypeError(f"seed must be an int, got {seed!r}.")
+  if not (isinstance(tolerance, (int, float)) and 0 <= tolerance < 1):
+    raise ValueError(f"tolerance must be a share of the gap in [0, 1), got {tolerance!r}.")
   started = time.monotonic()
   deadline = math.inf if time_budget_s is None else started + time_budget_s
   matrix = _scores_matrix(kernel, scores, in_axes)
   problem = _make_problem(matrix, config)
-  groups, blocks = _search(problem, method, search_outputs, int(seed), deadline)
+  groups, blocks = _search(problem, method, search_outputs, int(seed), deadline, tolerance)
   identity_groups, identity_blocks = problem.identity()
   if problem.kept(groups, blocks, rule) <= problem.kept(identity_groups, identity_blocks, rule):
     groups, blocks = identity_groups, identity_blocks
@@ -960,6 +969,7 @@ def tree_permutations(params, config: VNMConfig | str | None, *, filter=None, co
                       scores=None, in_axes=None, rule: str = "column_l1",
                       time_budget_s: float | None = None, seed: int = 0,
                       method: Method = "cocluster", search_outputs: bool = True,
+                      tolerance: float = 5e-4,
                       progress: bool = True) -> tuple[dict[str, Permutation], PermutationTable]:
   """:func:`find_permutation` for every selected kernel of a model.
 
@@ -970,7 +980,7 @@ def tree_permutations(params, config: VNMConfig | str | None, *, filter=None, co
     scores: importance scores by path (a tree of ``params``' structure or a flat
       dict keyed by path string); |kernel| where not given.
     in_axes: ``{regex: contraction axes}`` for selected kernels with more than 2 dims.
-    rule, time_budget_s (per kernel), seed, method, search_outputs: as in
+    rule, time_budget_s (per kernel), seed, method, search_outputs, tolerance: as in
       :func:`find_permutation`.
     progress: show a tqdm bar over the kernels.
 
@@ -1010,7 +1020,7 @@ def tree_permutations(params, config: VNMConfig | str | None, *, filter=None, co
     started = time.monotonic()
     permutation = find_permutation(matrix, cfg, scores=matrix, rule=rule,
                                    time_budget_s=time_budget_s, seed=seed, method=method,
-                                   search_outputs=search_outputs)
+                                   search_outputs=search_outputs, tolerance=tolerance)
     seconds = time.monotonic() - started
     permutations[path] = permutation
     reports.append(LayerPermutationReport(
