@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import vnm_jax
 from vnm_jax.config import VNMConfig
 from vnm_jax.masks import vnm_mask
 from vnm_jax.permutation import Permutation
@@ -415,3 +416,15 @@ def test_apply_and_summary_errors():
   with pytest.raises(ValueError, match=r"has shape \(16, 16\); the parameter has shape"):
     sparsity_summary(params, wrong)
   assert sparsity_summary(params["params"], masks).masked_density == pytest.approx(0.25)
+
+
+def test_kernel_scores_by_path_match_importance_scores():
+  rng = np.random.default_rng(7)
+  params = {"enc": {"kernel": jnp.asarray(rng.standard_normal((8, 6)), jnp.float32)},
+            "dec": {"kernel": jnp.asarray(rng.standard_normal((6, 4)), jnp.float32)}}
+  norms = {"enc/kernel": jnp.arange(1.0, 9.0)}
+  scores = vnm_jax.kernel_scores(params, "wanda", filter="enc", input_norms=norms)
+  assert set(scores) == {"enc/kernel"}
+  np.testing.assert_allclose(
+      np.asarray(scores["enc/kernel"]),
+      np.abs(np.asarray(params["enc"]["kernel"])) * np.arange(1.0, 9.0)[:, None], rtol=1e-6)

@@ -63,9 +63,10 @@ from vnm_jax.masks import is_vnm
 from vnm_jax.models.llama import Llama, generate_greedy
 from vnm_jax.permutation import Permutation, permute, unpermute
 from vnm_jax.permutation_search import find_permutation
-from vnm_jax.scores import Importance, importance_scores
+from vnm_jax.scores import Importance
 from vnm_jax.text_data import (WINDOW, TokenSplit, evaluate_perplexity, split_pydoc_topics,
                                token_nll, windows)
+from vnm_jax.trees import kernel_scores as trees_kernel_scores
 from vnm_jax.trees import path_str, tree_apply_masks, tree_masks
 
 # The seven block projections (as in `prunable_kernel_paths`), as a path regex for the tree API.
@@ -106,14 +107,7 @@ def training_batch(train_tokens: np.ndarray, rng: np.random.Generator, batch_siz
 
 def kernel_scores(params, score: str, input_norms: dict | None) -> dict[str, jax.Array]:
   """{path: (in, out) importance scores} of every prunable kernel of an nnx state."""
-  importance = Importance.parse(score)
-  scores = {}
-  for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    path = path_str(key_path)
-    if re.search(PRUNABLE, path):
-      norms = None if input_norms is None else input_norms[path]
-      scores[path] = importance_scores(leaf, importance, norms)
-  return scores
+  return trees_kernel_scores(params, score, filter=PRUNABLE, input_norms=input_norms)
 
 
 def search_permutations(scores: dict[str, jax.Array], config: VNMConfig, *,

@@ -19,8 +19,8 @@ from vnm_jax.selection import (Candidate, format_candidates, llama_gemm_shapes, 
                                measure_speedups, model_gemm_shapes, rank_candidates, select_vm)
 from vnm_jax.sparse_training import (FixedMaskState, SRSTEState, fixed_mask, sparse_masks,
                                      sparse_params, sr_ste)
-from vnm_jax.trees import (SparsitySummary, sparsity_summary, tree_apply_masks, tree_configs,
-                           tree_masks)
+from vnm_jax.trees import (SparsitySummary, kernel_scores, sparsity_summary, tree_apply_masks,
+                           tree_configs, tree_masks)
 
 __version__ = "0.1.0"
 
@@ -59,6 +59,7 @@ __all__ = [
     "init_lora",
     "is_vnm",
     "kept_score",
+    "kernel_scores",
     "llama_gemm_shapes",
     "lora_masks",
     "lora_params",

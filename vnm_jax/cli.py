@@ -151,21 +151,6 @@ def _load_gguf(path: pathlib.Path, windows: int):
   return model, [jnp.asarray(b) for b in batches], LLAMA_PRUNABLE
 
 
-def _kernel_scores(params, pattern: str, score: str, input_norms: dict | None) -> dict[str, Any]:
-  """{path: importance scores} of the kernels whose path matches ``pattern``."""
-  import jax
-  from vnm_jax.scores import importance_scores
-  from vnm_jax.trees import path_str
-
-  scores = {}
-  for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    path = path_str(key_path)
-    if re.search(pattern, path):
-      norms = None if input_norms is None else input_norms[path]
-      scores[path] = importance_scores(leaf, score, norms)
-  return scores
-
-
 def _usage_error(message: str) -> int:
   """Prints an argparse-style error for `prune` and returns its exit status, 2."""
   print(f"vnm-jax prune: error: {message}", file=sys.stderr)
@@ -181,8 +166,8 @@ def _run_prune(args: argparse.Namespace) -> int:
   from vnm_jax.format import compress
   from vnm_jax.permutation_search import tree_permutations
   from vnm_jax.scores import Importance
-  from vnm_jax.trees import (path_str, sparsity_summary, tree_apply_masks, tree_configs,
-                             tree_masks)
+  from vnm_jax.trees import (kernel_scores, path_str, sparsity_summary, tree_apply_masks,
+                             tree_configs, tree_masks)
 
   source = args.source
   try:
@@ -201,7 +186,7 @@ def _run_prune(args: argparse.Namespace) -> int:
   input_norms = None
   if Importance.parse(args.score).needs_input_norms:
     input_norms = collect_input_norms(model, batches, filter=pattern)
-  scores = _kernel_scores(params, pattern, args.score, input_norms)
+  scores = kernel_scores(params, args.score, filter=pattern, input_norms=input_norms)
   permutations = None
   if args.permute:
     permutations, table = tree_permutations(params, args.config, filter=pattern, scores=scores,

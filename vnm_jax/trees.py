@@ -243,6 +243,32 @@ def _leaf_scores(path, leaf, axes, score_fn, importance, norms, given_norm_paths
   return from_matrix(scores, leaf.shape, axes)
 
 
+def kernel_scores(params, score: Importance | str, *, filter: PathFilter | None = None,
+                  input_norms: Mapping[str, jax.Array] | None = None) -> dict[str, jax.Array]:
+  """``{path: importance scores}`` of the leaves of ``params`` that ``filter`` selects.
+
+  Args:
+    params: a linen param dict or an ``nnx.State``; selected leaves are (in, out) kernels.
+    score: an :class:`Importance` or its name ("magnitude", "wanda", "ria").
+    filter: as in :func:`tree_configs` (None: the default filter).
+    input_norms: ``{path: (in,) norms}`` (from
+      :func:`vnm_jax.calibration.collect_input_norms`), needed by "wanda" and "ria".
+
+  Returns:
+    A flat dict keyed by path string, ready for ``tree_masks(scores=...)`` or
+    :func:`vnm_jax.permutation_search.tree_permutations`.
+  """
+  importance = Importance.parse(score)
+  predicate = path_predicate(filter)
+  scores = {}
+  for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    path = path_str(key_path)
+    if predicate(path, leaf):
+      norms = None if input_norms is None else input_norms[path]
+      scores[path] = importance_scores(leaf, importance, norms)
+  return scores
+
+
 def tree_masks(params, config: VNMConfig | str | None, *, filter: PathFilter | None = None,
                configs: Mapping[str, VNMConfig | str | None] | None = None,
                score: Importance | str | ScoreFn = Importance.MAGNITUDE, scores=None,
