@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
-from pallas_kernels.layout import condense
+from vnm_jax.ops.vnm_matmul.layout import condense
 from pallas_kernels.vnm_matmul import vnm_matmul_pallas_condensed, vnm_matmul_pallas_packed
 from vnm_jax import compress
 from vnm_jax.benchmarking import measure_matmul_speedup, time_calls

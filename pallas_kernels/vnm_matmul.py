@@ -23,7 +23,7 @@ feature is a contiguous row of tokens) and runs one dot against the step's
 weight tile comes from:
 
 - :func:`vnm_matmul_pallas_condensed` reads it from a condensed weight (R, 4, G, V)
-  with the 2:4 zeros stored (:func:`pallas_kernels.layout.condense`): 4/M of the
+  with the 2:4 zeros stored (:func:`vnm_jax.ops.vnm_matmul.layout.condense`): 4/M of the
   dense weight's bytes.
 - :func:`vnm_matmul_pallas_packed` expands it in-kernel from the 2 stored values and
   their 2-bit positions: ~2/M of the dense bytes plus 1 byte per 2 rows per group.
@@ -54,7 +54,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.layout import KEPT_COLUMNS, condense
+from vnm_jax.ops.vnm_matmul.layout import KEPT_COLUMNS, condense
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 # Triton's dot needs every dimension >= 16; a row block (V outputs) is one dot's width.
@@ -321,7 +321,7 @@ def vnm_matmul_pallas_condensed(x: jax.Array, condensed: jax.Array, columns: jax
   """``y_blocks = x @ W`` from a condensed weight (R, 4, G, V) with the 2:4 zeros stored.
 
   ``condensed[r, p, g, v]`` multiplies input feature ``columns[r, p, g]``
-  (:func:`pallas_kernels.layout.condense` builds it). V must be a power of 2 >= 16.
+  (:func:`vnm_jax.ops.vnm_matmul.layout.condense` builds it). V must be a power of 2 >= 16.
   Other arguments and the result as for :func:`vnm_matmul_pallas_packed`.
   """
   if x.ndim != 2 or condensed.ndim != 4 or condensed.shape[1] != KEPT_COLUMNS:

@@ -11,7 +11,7 @@ import pytest
 from typing import NamedTuple
 
 from pallas_kernels import vnm_matmul as kernel_module
-from pallas_kernels.layout import condense
+from vnm_jax.ops.vnm_matmul.layout import condense
 from pallas_kernels.vnm_matmul import (choose_blocks, unsupported_reason, vnm_matmul_pallas,
                                        vnm_matmul_pallas_condensed, vnm_matmul_pallas_packed,
                                        vnm_matmul_reference)

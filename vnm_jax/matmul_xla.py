@@ -9,11 +9,11 @@ Formulation (the fastest of those measured on CPU; bench/RESULTS.md): a ``lax.ma
 over chunks of 2 row blocks; for each block, gather the 4*G kept input features of
 x (x transposed, so each gathered feature is one contiguous row of tokens), expand
 the block's condensed weight (4*G, V) from its 2 stored values per row and group
-and their 2-bit positions (:func:`pallas_kernels.layout.condense`), and run one
+and their 2-bit positions (:func:`vnm_jax.ops.vnm_matmul.layout.condense`), and run one
 dense dot. Executed multiply-adds are 4/M of dense. A chunk is small enough that
 its gathered x and expanded weight stay in cache. Gathering columns of the
 untransposed x measured 1.8x slower; stacking 4 per-slot selects to expand the
-weight, 3-4x slower than :func:`~pallas_kernels.layout.condense`'s one broadcast
+weight, 3-4x slower than :func:`~vnm_jax.ops.vnm_matmul.layout.condense`'s one broadcast
 select. Blocks per step (1-8) and condensing all blocks up front moved the time by
 less than the run-to-run noise of the shared CPU these were measured on;
 ``bench/kernel.py --tune-xla`` re-measures the former.
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.layout import KEPT_COLUMNS, condense, positions_of
+from vnm_jax.ops.vnm_matmul.layout import KEPT_COLUMNS, condense, positions_of
 
 # Row blocks per lax.map step on CPU (tuned in bench/kernel.py --tune-xla).
 DEFAULT_BLOCKS_PER_STEP = 2

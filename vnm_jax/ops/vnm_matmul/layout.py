@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-KEPT_COLUMNS = 4
+from vnm_jax.config import KEPT_COLUMNS
 
 
 def positions_of(meta: jax.Array, v: int) -> tuple[jax.Array, jax.Array]:
