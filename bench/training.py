@@ -1,6 +1,6 @@
 """Step-time overhead of each sparse-training mode vs dense training of the same model.
 
-One small Llama (vnm_jax.models.llama), one run, one batch of random tokens; every
+One small Llama (vnm_recipes.models.llama), one run, one batch of random tokens; every
 mode's jitted train step (loss, gradient, optimizer update, params update) is timed
 in the same process, rounds alternating between modes so that a change in machine
 load hits all of them alike. A time is the median over rounds of (time of
@@ -36,9 +36,9 @@ from flax import nnx
 
 from vnm_jax.config import VNMConfig
 from vnm_jax.lora import init_lora, lora_params, three_stage_lora
-from vnm_jax.models.llama import Llama, LlamaConfig
 from vnm_jax.sparse_training import fixed_mask, sparse_params, sr_ste
 from vnm_jax.trees import tree_configs, tree_masks
+from vnm_recipes.models.llama import Llama, LlamaConfig
 
 SIZES = {
     # name: (model, batch, sequence length)

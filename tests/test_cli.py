@@ -5,12 +5,11 @@ import numpy as np
 import pytest
 
 import vnm_reference as ref
-from train import vit as vit_recipe
-from vnm_jax import cli
-from vnm_jax.checkpoint import Checkpointer
-from vnm_jax.format import compress, decompress
-from vnm_jax.models.vit import ViTConfig
-from vnm_jax.trees import path_str
+from vnm_jax import Checkpointer, compress, decompress, path_str
+from vnm_recipes import cli
+from vnm_recipes.models.vit import ViTConfig
+from vnm_recipes.vit.checkpoint import save_checkpoint
+from vnm_recipes.vit.training import init_model
 
 TINY = ViTConfig(dim=16, depth=1, num_heads=2, mlp_dim=32)
 
@@ -24,8 +23,8 @@ def _exit_code_and_stderr(argv, capsys):
 @pytest.fixture(scope="module")
 def vit_checkpoint(tmp_path_factory):
   directory = tmp_path_factory.mktemp("vit") / "ckpt"
-  graphdef, params = vit_recipe.init_model(TINY, seed=0)
-  vit_recipe.save_checkpoint(directory, TINY, params)
+  graphdef, params = init_model(TINY, seed=0)
+  save_checkpoint(directory, TINY, params)
   return directory, params
 
 

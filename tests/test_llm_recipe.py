@@ -1,4 +1,4 @@
-"""The LLM pruning recipes of train/llm.py end to end on a 2-layer random Llama (no download)."""
+"""The LLM recipe (vnm_recipes.llm) end to end on a 2-layer random Llama (no download)."""
 
 import re
 
@@ -9,21 +9,24 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
-from train import llm
-from vnm_jax import gguf as vnm_gguf
-from vnm_jax.config import VNMConfig
-from vnm_jax.layers import VNMLinear
-from vnm_jax.masks import is_vnm
-from vnm_jax.models.llama import Llama, LlamaConfig, generate_greedy, prunable_kernel_paths
-from vnm_jax.permutation import Permutation, permute
-from vnm_jax.text_data import token_nll
+from vnm_jax import (Permutation, VNMConfig, VNMLinear, collect_input_norms, is_vnm, path_str,
+                     tree_masks)
+from vnm_jax.permutation import permute
+from vnm_recipes import gguf as vnm_gguf
+from vnm_recipes.data.text import calibration_batches, training_batch
+from vnm_recipes.llm import cli as llm_cli
+from vnm_recipes.llm import compression, pruning, training
+from vnm_recipes.llm.evaluation import token_nll
+from vnm_recipes.llm.presets import LoRASettings
+from vnm_recipes.models.llama import (PRUNABLE_PATTERN, Llama, LlamaConfig, generate_greedy,
+                                      prunable_kernel_paths)
 from vnm_reference import column_l1_mask
 
 TINY = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
                    num_heads=4, num_kv_heads=2, head_dim=8, rope_base=100.0)
 CONFIG = VNMConfig.parse("8:2:5")  # M = 5 does not divide 32 or 48: groups are padded.
-SETTINGS = llm.LoRASettings(steps=6, batch_size=2, sequence_length=16, rank=4,
-                            learning_rate=1e-2, update_every=1)
+SETTINGS = LoRASettings(steps=6, batch_size=2, sequence_length=16, rank=4,
+                        learning_rate=1e-2, update_every=1)
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +38,9 @@ def setup():
   tokens = np.tile(phrase, 200)
   noise = rng.random(tokens.size) < 0.1
   tokens[noise] = rng.integers(0, TINY.vocab_size, noise.sum())
-  batches = llm.calibration_batches(tokens, 4, 32, 2)
-  norms = llm.collect_input_norms(model, [jnp.asarray(b) for b in batches], filter=llm.PRUNABLE,
-                                  progress=False)
+  batches = calibration_batches(tokens, 4, 32, 2)
+  norms = collect_input_norms(model, [jnp.asarray(b) for b in batches], filter=PRUNABLE_PATTERN,
+                              progress=False)
   return model, tokens.astype(np.int32), batches, norms
 
 
@@ -49,8 +52,8 @@ def lora_run(setup):
                                                         rng.permutation(k.shape[1]))
                   for path, k in zip(prunable_kernel_paths(TINY),
                                      _kernels(model).values())}
-  result = llm.train_three_stage_lora(model, tokens, CONFIG, SETTINGS, input_norms=norms,
-                                      permutations=permutations, progress=False)
+  result = training.train_three_stage_lora(model, tokens, CONFIG, SETTINGS, input_norms=norms,
+                                           permutations=permutations, progress=False)
   return result, permutations
 
 
@@ -79,9 +82,9 @@ def test_calibration_norms_match_numpy(setup):
 def test_one_shot_masks_match_numpy_reference(setup, score):
   model, _, _, norms = setup
   params = nnx.state(model)
-  masks, permutations = llm.one_shot_masks(params, CONFIG, score, norms, permuted=False)
+  masks, permutations = pruning.one_shot_masks(params, CONFIG, score, norms, permuted=False)
   assert permutations is None
-  found = {llm.path_str(p): m for p, m in jax.tree_util.tree_flatten_with_path(
+  found = {path_str(p): m for p, m in jax.tree_util.tree_flatten_with_path(
       masks, is_leaf=lambda x: x is None)[0] if m is not None}
   assert sorted(found) == sorted(_kernels(model))
   for path, kernel in _kernels(model).items():
@@ -98,15 +101,15 @@ def test_one_shot_masks_match_numpy_reference(setup, score):
 def test_permuted_one_shot_masks_keep_more_score(setup):
   model, _, _, norms = setup
   path = "layers/0/mlp/up_proj/kernel"
-  scores = {path: llm.kernel_scores(nnx.state(model), "wanda", norms)[path]}
-  permutations = llm.search_permutations(scores, CONFIG, seconds_per_kernel=0.5)
+  scores = {path: pruning.kernel_scores(nnx.state(model), "wanda", norms)[path]}
+  permutations = pruning.search_permutations(scores, CONFIG, seconds_per_kernel=0.5)
   permutation = permutations[path]
   s = np.asarray(scores[path], np.float64)
   plain = column_l1_mask(s, CONFIG.v, CONFIG.m)
   permuted = column_l1_mask(np.asarray(permute(s, permutation)), CONFIG.v, CONFIG.m)
   assert s[plain].sum() < np.asarray(permute(s, permutation))[permuted].sum()
-  mask = np.asarray(llm.tree_masks({path: scores[path]}, CONFIG, filter=llm.PRUNABLE,
-                                   scores={path: scores[path]}, permutations=permutations)[path])
+  mask = np.asarray(tree_masks({path: scores[path]}, CONFIG, filter=PRUNABLE_PATTERN,
+                               scores={path: scores[path]}, permutations=permutations)[path])
   assert is_vnm(mask, CONFIG, permutation=permutation)
   np.testing.assert_array_equal(np.asarray(permute(mask, permutation)), permuted)
 
@@ -117,10 +120,10 @@ def test_reparametrisation_is_exact_and_stored_magnitude_is_wanda(setup):
   path = "layers/1/mlp/down_proj/kernel"
   k = _kernels(model)[path]
   perm = Permutation(np.roll(np.arange(k.shape[0]), 3), np.arange(k.shape[1])[::-1].copy())
-  scales = llm.lora_scales(params, "wanda", norms)
-  reparam = llm.Reparametrisation(scales, {path: perm})
+  scales = training.lora_scales(params, "wanda", norms)
+  reparam = training.Reparametrisation(scales, {path: perm})
   stored = reparam.to_stored(params)
-  flat = {llm.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(stored)[0]}
+  flat = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(stored)[0]}
   wanda = np.abs(k) * np.asarray(norms[path])[:, None]
   # |stored| is the permuted Wanda score up to one positive factor per kernel.
   ratio = np.abs(np.asarray(flat[path])) / np.asarray(permute(wanda, perm))
@@ -129,14 +132,14 @@ def test_reparametrisation_is_exact_and_stored_magnitude_is_wanda(setup):
   for (p, a), b in zip(jax.tree_util.tree_flatten_with_path(back)[0],
                        jax.tree_util.tree_leaves(params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7,
-                               err_msg=llm.path_str(p))
+                               err_msg=path_str(p))
 
 
 def test_lora_starts_at_the_dense_model_and_learns(setup, lora_run):
   model, tokens, _, _ = setup
   result, _ = lora_run
-  first = llm.training_batch(tokens, np.random.default_rng(SETTINGS.seed), SETTINGS.batch_size,
-                             SETTINGS.sequence_length)
+  first = training_batch(tokens, np.random.default_rng(SETTINGS.seed), SETTINGS.batch_size,
+                         SETTINGS.sequence_length)
   dense_loss = float(jnp.mean(token_nll(model(jnp.asarray(first)), jnp.asarray(first))))
   # Stage 1 starts with b = 0 and an all-ones mask: the loss is the dense model's.
   assert result.losses[0] == pytest.approx(dense_loss, rel=1e-5)
@@ -164,16 +167,16 @@ def test_compressed_model_equals_masked_model(setup, lora_run):
   model, tokens, _, _ = setup
   result, permutations = lora_run
   merged = nnx.merge(nnx.graphdef(model), result.params)
-  compressed = llm.compress_llama(merged, CONFIG, result.masks, permutations)
+  compressed = compression.compress_llama(merged, CONFIG, result.masks, permutations)
   layers = [m for _, m in nnx.iter_graph(compressed) if isinstance(m, VNMLinear)]
   assert len(layers) == len(prunable_kernel_paths(TINY))
-  check = llm.compression_check(merged, compressed, tokens[None, :40])
+  check = compression.compression_check(merged, compressed, tokens[None, :40])
   assert check["max_abs_diff"] <= 1e-5 * max(1.0, check["max_abs_logit"])
   assert check["argmax_agreement"] == 1.0
   prompt = tokens[None, :5]
   np.testing.assert_array_equal(np.asarray(generate_greedy(compressed, prompt, 8)),
                                 np.asarray(generate_greedy(merged, prompt, 8)))
-  stored, dense = llm.compressed_bytes(compressed)
+  stored, dense = compression.compressed_bytes(compressed)
   assert stored < dense
 
 
@@ -194,24 +197,24 @@ def test_safetensors_export_has_gguf_names_and_layout(setup, lora_run, tmp_path)
 def test_lora_settings_and_inputs_are_validated(setup):
   model, tokens, _, _ = setup
   with pytest.raises(ValueError, match="mask_score"):
-    llm.LoRASettings(mask_score="ria")
+    LoRASettings(mask_score="ria")
   with pytest.raises(ValueError, match="steps"):
-    llm.LoRASettings(steps=0)
+    LoRASettings(steps=0)
   with pytest.raises(ValueError, match="input_norms"):
-    llm.train_three_stage_lora(model, tokens, CONFIG, SETTINGS, progress=False)
+    training.train_three_stage_lora(model, tokens, CONFIG, SETTINGS, progress=False)
   with pytest.raises(ValueError, match="calibration windows"):
-    llm.calibration_batches(tokens[:100], 4, 32, 2)
+    calibration_batches(tokens[:100], 4, 32, 2)
   assert SETTINGS.stage_steps() == (1, 1)
-  assert llm.LoRASettings(steps=200).stage_steps() == (10, 10)
+  assert LoRASettings(steps=200).stage_steps() == (10, 10)
 
 
 def test_missing_gguf_names_the_fetch_command(tmp_path, monkeypatch):
   monkeypatch.setenv(vnm_gguf.CACHE_DIR_ENV, str(tmp_path))
   monkeypatch.delenv(vnm_gguf.SMOLLM2_GGUF_ENV, raising=False)
-  with pytest.raises(SystemExit, match=re.escape("python -m train.llm fetch")):
-    llm.main(["eval", "--eval-tokens", "1024"])
-  with pytest.raises(SystemExit, match=re.escape("python -m train.llm fetch")):
-    llm.main(["prune", "--gguf", str(tmp_path / "missing.gguf")])
+  with pytest.raises(SystemExit, match=re.escape("python -m vnm_recipes.llm fetch")):
+    llm_cli.main(["eval", "--eval-tokens", "1024"])
+  with pytest.raises(SystemExit, match=re.escape("python -m vnm_recipes.llm fetch")):
+    llm_cli.main(["prune", "--gguf", str(tmp_path / "missing.gguf")])
 
 
 def test_report_prints_the_gap_to_dense(tmp_path, capsys):
@@ -219,6 +222,6 @@ def test_report_prints_the_gap_to_dense(tmp_path, capsys):
   results.write_text('{"recipe": "dense", "eval_tokens": 512, "ppl": 10.0, "nll": 2.5}\n'
                      '{"recipe": "one-shot", "pattern": "64:2:5", "score": "wanda", '
                      '"permuted": false, "eval_tokens": 512, "ppl": 100.0, "nll": 4.0}\n')
-  assert llm.main(["report", "--results", str(results)]) == 0
+  assert llm_cli.main(["report", "--results", str(results)]) == 0
   lines = capsys.readouterr().out.splitlines()
   assert lines[-1] == "| one-shot | 64:2:5 | wanda | False | 512 | 100 | 4.0000 | 1.500 |"

@@ -14,7 +14,7 @@ from vnm_jax.config import VNMConfig
 from vnm_jax.format import compress, decompress
 from vnm_jax.masks import vnm_mask
 from vnm_jax.matmul import vnm_matmul
-from vnm_jax.permutation import Permutation
+from vnm_jax.permutation import Permutation, fold_output_permutation
 from vnm_jax.trees import tree_masks
 
 
@@ -215,8 +215,8 @@ def test_fold_keeps_a_swiglu_mlp_function():
   p_up = ps.find_permutation(up, config)
   p_down = ps.find_permutation(down, config)
   up_mask = vnm_mask(up, config, permutation=p_up)
-  folded = ps.fold_output_permutation(up, down, p_up, siblings=(gate,),
-                                      consumer_permutation=p_down)
+  folded = fold_output_permutation(up, down, p_up, siblings=(gate,),
+                                   consumer_permutation=p_down)
   (folded_gate,) = folded.siblings
   # The folded up kernel prunes to the same mask, reordered, with no output permutation.
   assert folded.producer_permutation.outputs is None
@@ -244,7 +244,7 @@ def test_fold_keeps_an_mlp_with_bias():
   up, down = _kernel(d, f, 4), _kernel(f, d, 5)
   bias = np.random.default_rng(1).standard_normal(f).astype(np.float32)
   p = ps.find_permutation(up, "8:2:5")
-  folded = ps.fold_output_permutation(up, down, p, producer_bias=bias)
+  folded = fold_output_permutation(up, down, p, producer_bias=bias)
   x = np.random.default_rng(2).standard_normal((4, d))
   relu = lambda h: np.maximum(h, 0)
   before = relu(x @ up + bias) @ down
@@ -269,28 +269,28 @@ def test_fold_v_into_o_with_grouped_query_attention():
   # A head-preserving output order: features move only inside their head.
   outputs = np.concatenate([h * head_dim + rng.permutation(head_dim) for h in range(kv_heads)])
   p = Permutation(rng.permutation(d), outputs)
-  folded = ps.fold_output_permutation(v_kernel, o_kernel, p, head_dim=head_dim,
-                                      query_groups=groups)
+  folded = fold_output_permutation(v_kernel, o_kernel, p, head_dim=head_dim,
+                                   query_groups=groups)
   x = rng.standard_normal((tokens, d)).astype(np.float32)
   before = _attention_out(x, v_kernel, o_kernel, weights, kv_heads, groups, head_dim)
   after = _attention_out(x, folded.producer, folded.consumer, weights, kv_heads, groups, head_dim)
   np.testing.assert_allclose(np.asarray(after), np.asarray(before), rtol=1e-5, atol=1e-5)
   across = Permutation(None, np.roll(np.arange(kv_heads * head_dim), 1))
   with pytest.raises(ValueError, match="moves features across attention heads"):
-    ps.fold_output_permutation(v_kernel, o_kernel, across, head_dim=head_dim, query_groups=groups)
+    fold_output_permutation(v_kernel, o_kernel, across, head_dim=head_dim, query_groups=groups)
 
 
 def test_fold_rejects_mismatched_shapes():
   up, down = _kernel(8, 16), _kernel(16, 8)
   p = Permutation(None, np.arange(16)[::-1].copy())
   with pytest.raises(ValueError, match="consumer must have 16 input rows"):
-    ps.fold_output_permutation(up, down.T, p)
+    fold_output_permutation(up, down.T, p)
   with pytest.raises(ValueError, match=r"producer_bias must have shape \(16,\)"):
-    ps.fold_output_permutation(up, down, p, producer_bias=np.zeros(8))
+    fold_output_permutation(up, down, p, producer_bias=np.zeros(8))
   with pytest.raises(ValueError, match="siblings\\[0\\] must be a 2D kernel with 16 outputs"):
-    ps.fold_output_permutation(up, down, p, siblings=(np.zeros((8, 8)),))
+    fold_output_permutation(up, down, p, siblings=(np.zeros((8, 8)),))
   with pytest.raises(ValueError, match="query_groups > 1 needs head_dim"):
-    ps.fold_output_permutation(up, np.zeros((32, 8)), p, query_groups=2)
+    fold_output_permutation(up, np.zeros((32, 8)), p, query_groups=2)
 
 
 def _array(leaf):

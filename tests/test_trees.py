@@ -428,3 +428,69 @@ def test_kernel_scores_by_path_match_importance_scores():
   np.testing.assert_allclose(
       np.asarray(scores["enc/kernel"]),
       np.abs(np.asarray(params["enc"]["kernel"])) * np.arange(1.0, 9.0)[:, None], rtol=1e-6)
+
+
+def test_leaves_by_path_strips_the_linen_collection_and_skips_dense_leaves():
+  params = linen_params()
+  masks = tree_masks(params, CONFIG)
+  found = vnm_jax.leaves_by_path(masks)
+  assert sorted(found) == sorted(MLP_KERNELS)
+  assert set(vnm_jax.leaves_by_path(params)) >= set(MLP_KERNELS)
+  assert vnm_jax.leaves_by_path(None) == {}
+  assert vnm_jax.leaves_by_path({"params/a/kernel": 1, "b": 2}) == {"a/kernel": 1, "b": 2}
+
+
+def test_tree_permute_reorders_named_kernels_and_tree_unpermute_undoes_it():
+  params = linen_params()
+  rng = np.random.default_rng(3)
+  fc1 = np.asarray(params["params"]["layers_0"]["mlp"]["fc1"]["kernel"])
+  fc2 = np.asarray(params["params"]["layers_1"]["mlp"]["fc2"]["kernel"])
+  p1 = Permutation(rng.permutation(16), rng.permutation(32))
+  p2 = Permutation(None, rng.permutation(16))  # one side may stay in order
+  permutations = {"layers_0/mlp/fc1/kernel": p1, "params/layers_1/mlp/fc2/kernel": p2}
+  moved = vnm_jax.tree_permute(params, permutations)
+  np.testing.assert_array_equal(moved["params"]["layers_0"]["mlp"]["fc1"]["kernel"],
+                                fc1[p1.inputs][:, p1.outputs])
+  np.testing.assert_array_equal(moved["params"]["layers_1"]["mlp"]["fc2"]["kernel"],
+                                fc2[:, p2.outputs])
+  np.testing.assert_array_equal(moved["params"]["layers_1"]["mlp"]["fc1"]["kernel"],
+                                params["params"]["layers_1"]["mlp"]["fc1"]["kernel"])
+  back = vnm_jax.tree_unpermute(moved, permutations)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Masks (None where dense) pass through; V:N:M groups of the permuted kernel are the
+  # permutation's groups of the original one.
+  masks = tree_masks(moved, CONFIG)
+  original = vnm_jax.tree_unpermute(masks, permutations)
+  expected = vnm_mask(fc1, CONFIG, permutation=p1)
+  np.testing.assert_array_equal(
+      original["params"]["layers_0"]["mlp"]["fc1"]["kernel"], expected)
+  assert original["params"]["embed"]["embedding"] is None
+
+
+def test_tree_permute_under_jit_with_traced_permutations_and_on_nnx_state():
+  state = nnx.state(NnxLM(nnx.Rngs(0)), nnx.Param)
+  rng = np.random.default_rng(4)
+  path = "layers/0/mlp/fc2/kernel"
+  permutations = {path: Permutation(jnp.asarray(rng.permutation(32)),
+                                    jnp.asarray(rng.permutation(16)))}
+  eager = vnm_jax.tree_permute(state, permutations)
+  jitted = jax.jit(vnm_jax.tree_permute)(state, permutations)
+  for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  kernel = np.asarray(state["layers"][0]["mlp"]["fc2"]["kernel"][...])
+  np.testing.assert_array_equal(
+      np.asarray(eager["layers"][0]["mlp"]["fc2"]["kernel"][...]),
+      kernel[np.asarray(permutations[path].inputs)][:, np.asarray(permutations[path].outputs)])
+
+
+def test_tree_permute_errors():
+  params = linen_params()
+  with pytest.raises(ValueError, match="permutations has entries for paths that are not in "
+                     "params: 'other/kernel'"):
+    vnm_jax.tree_permute(params, {"other/kernel": Permutation(np.arange(2), None)})
+  with pytest.raises(ValueError, match=r"a Permutation reorders a 2D \(in, out\) kernel"):
+    vnm_jax.tree_permute(params, {"layers_0/mlp/fc1/bias": Permutation(np.arange(32), None)})
+  with pytest.raises(ValueError, match="is not a permutation"):
+    vnm_jax.tree_permute(params, {"layers_0/mlp/fc1/kernel": Permutation(np.zeros(16, int),
+                                                                         None)})

@@ -10,10 +10,13 @@ import pytest
 from flax import nnx
 
 import vnm_reference as ref
-from train import vit as vit_recipe
-from vnm_jax import digits
-from vnm_jax.models import vit
-from vnm_jax.permutation import Permutation
+from vnm_jax import Permutation, tree_permute, tree_unpermute
+from vnm_recipes.data import digits
+from vnm_recipes.models import vit
+from vnm_recipes.vit import pipeline as vit_pipeline
+from vnm_recipes.vit import presets as vit_presets
+from vnm_recipes.vit import reports as vit_reports
+from vnm_recipes.vit import training as vit_training
 
 TINY = vit.ViTConfig(dim=16, depth=2, num_heads=2, mlp_dim=32)
 
@@ -216,7 +219,7 @@ def test_model_rejects_wrong_image_shape():
 
 def test_shift_images_moves_each_image_within_range():
   images = jnp.asarray(np.random.default_rng(0).uniform(size=(16, 8, 8, 1)), jnp.float32)
-  shifted = np.asarray(vit_recipe.shift_images(images, jax.random.key(0), 1))
+  shifted = np.asarray(vit_training.shift_images(images, jax.random.key(0), 1))
   padded = np.pad(np.asarray(images), ((0, 0), (1, 1), (1, 1), (0, 0)))
   offsets_seen = set()
   for i in range(16):
@@ -225,28 +228,28 @@ def test_shift_images_moves_each_image_within_range():
     assert matches, f"image {i} is not a shift of its input"
     offsets_seen.update(matches)
   assert len(offsets_seen) > 1
-  np.testing.assert_array_equal(vit_recipe.shift_images(images, jax.random.key(0), 0), images)
+  np.testing.assert_array_equal(vit_training.shift_images(images, jax.random.key(0), 0), images)
 
 
 def test_accuracy_matches_direct_count(split):
-  graphdef, params = vit_recipe.init_model(TINY, seed=0)
+  graphdef, params = vit_training.init_model(TINY, seed=0)
   images, labels = split.test_images[:50], split.test_labels[:50]
   predicted = np.argmax(np.asarray(_jitted_forward(nnx.merge(graphdef, params))(images, None)), -1)
   expected = float(np.mean(predicted == labels))
-  assert vit_recipe.accuracy(graphdef, params, images, labels, batch_size=16) == expected
+  assert vit_training.accuracy(graphdef, params, images, labels, batch_size=16) == expected
 
 
 def test_dense_training_reduces_loss_and_beats_chance(split):
   small = digits.DigitsSplit(split.train_images[:512], split.train_labels[:512],
                              split.test_images, split.test_labels)
   model_config = vit.ViTConfig(dim=32, depth=1, num_heads=2, mlp_dim=64)
-  config = vit_recipe.TrainConfig(epochs=8, batch_size=32, learning_rate=1e-2, max_shift=0,
+  config = vit_training.TrainConfig(epochs=8, batch_size=32, learning_rate=1e-2, max_shift=0,
                                   label_smoothing=0.0, seed=0)
-  graphdef, params, result = vit_recipe.train_dense(model_config, config, small, progress=False)
+  graphdef, params, result = vit_training.train_dense(model_config, config, small, progress=False)
   assert len(result.epoch_losses) == 8
   assert result.epoch_losses[-1] < result.epoch_losses[0] - 1.0
   # Chance is 0.1; 8 epochs on 512 images reach about 0.7.
-  assert vit_recipe.accuracy(graphdef, params, small.test_images, small.test_labels) > 0.5
+  assert vit_training.accuracy(graphdef, params, small.test_images, small.test_labels) > 0.5
 
 
 @pytest.mark.parametrize("changes, match", [
@@ -255,35 +258,35 @@ def test_dense_training_reduces_loss_and_beats_chance(split):
     (dict(label_smoothing=-0.1), "label_smoothing")])
 def test_train_config_rejects_bad_values(changes, match):
   with pytest.raises(ValueError, match=match):
-    vit_recipe.TrainConfig(**changes)
+    vit_training.TrainConfig(**changes)
 
 
 def test_train_rejects_batch_larger_than_data(split):
   tiny = digits.DigitsSplit(split.train_images[:8], split.train_labels[:8],
                             split.test_images, split.test_labels)
-  graphdef, params = vit_recipe.init_model(TINY, seed=0)
+  graphdef, params = vit_training.init_model(TINY, seed=0)
   with pytest.raises(ValueError, match="batch_size"):
-    vit_recipe.train(graphdef, params, tiny, vit_recipe.TrainConfig(batch_size=16),
+    vit_training.train(graphdef, params, tiny, vit_training.TrainConfig(batch_size=16),
                      progress=False)
 
 
 # ----------------------------------------------------------------------------- pruning pipeline
 
-TINY_PRESET = vit_recipe.PipelinePreset(
-    name="tiny", model=dataclasses.replace(TINY, depth=1), dense=vit_recipe.TrainConfig(epochs=1),
-    finetune=vit_recipe.TrainConfig(epochs=1, learning_rate=1e-3), configs=("16:2:5",),
+TINY_PRESET = vit_presets.PipelinePreset(
+    name="tiny", model=dataclasses.replace(TINY, depth=1), dense=vit_training.TrainConfig(epochs=1),
+    finetune=vit_training.TrainConfig(epochs=1, learning_rate=1e-3), configs=("16:2:5",),
     permutation_seconds=0.2, train_images=64, speed_batch=1, speed_repeats=1)
 
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-  return vit_recipe.run_pipeline(TINY_PRESET, tmp_path_factory.mktemp("pipeline"),
+  return vit_pipeline.run_pipeline(TINY_PRESET, tmp_path_factory.mktemp("pipeline"),
                                  progress=False, log=lambda line: None)
 
 
 def _kernels(tree):
   """{path: numpy array} of the block kernels of params or masks."""
-  from vnm_jax.trees import path_str
+  from vnm_jax import path_str
   return {path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
           if path_str(p).startswith("blocks/") and path_str(p).endswith("kernel")}
 
@@ -292,7 +295,7 @@ def test_pipeline_table_rows_files_and_plot(pipeline):
   import json
   rows = [(r.config, r.permuted, r.method) for r in pipeline.variants]
   assert rows == [("16:2:5", permuted, method) for permuted in (False, True)
-                  for method in vit_recipe.METHODS]
+                  for method in vit_reports.METHODS]
   for row in pipeline.variants:
     assert 0.0 <= row.test_accuracy <= 1.0 and row.speedup > 0
   table = pipeline.table_path.read_text()
@@ -317,7 +320,7 @@ def test_pipeline_one_shot_is_the_column_l1_mask_of_the_dense_weights(pipeline):
 
 
 @pytest.mark.parametrize("permuted", [False, True])
-@pytest.mark.parametrize("method", vit_recipe.METHODS)
+@pytest.mark.parametrize("method", vit_reports.METHODS)
 def test_pipeline_masks_are_vnm_and_pruned_weights_zero(pipeline, permuted, method):
   model = pipeline.models[("16:2:5", permuted, method)]
   masks, params = _kernels(model.masks), _kernels(model.params)
@@ -346,20 +349,20 @@ def test_pipeline_fixed_mask_keeps_the_one_shot_mask_and_trains(pipeline):
 
 
 def test_permutation_indices_round_trip():
-  graphdef, params = vit_recipe.init_model(TINY, seed=0)
+  graphdef, params = vit_training.init_model(TINY, seed=0)
   names = list(_kernels(params))
   qkv, out = "blocks/0/attention/qkv/kernel", "blocks/0/attention/out/kernel"
   rng = np.random.default_rng(0)
   inputs, outputs = rng.permutation(16), rng.permutation(48)
-  indices = vit_recipe.permutation_indices(params, names, {qkv: Permutation(inputs, outputs)})
-  moved = vit_recipe.reorder_kernels(params, indices)
+  indices = vit_pipeline.permutation_indices(params, names, {qkv: Permutation(inputs, outputs)})
+  moved = tree_permute(params, indices)
   np.testing.assert_array_equal(_kernels(moved)[qkv], _kernels(params)[qkv][inputs][:, outputs])
   np.testing.assert_array_equal(_kernels(moved)[out], _kernels(params)[out])
-  back = vit_recipe.reorder_kernels(moved, indices, undo=True)
+  back = tree_unpermute(moved, indices)
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_pipeline_rejects_unknown_preset(tmp_path):
   with pytest.raises(ValueError, match="preset"):
-    vit_recipe.run_pipeline("huge", tmp_path)
+    vit_pipeline.run_pipeline("huge", tmp_path)

@@ -1,4 +1,13 @@
-"""vnm-jax: V:N:M sparsity for transformers in JAX."""
+"""vnm-jax: V:N:M sparsity for transformers in JAX.
+
+The names below are what users call, grouped as in the README. Report and formatting
+helpers (sparsity tables, permutation tables, the V/M candidate table) and the
+lower-level building blocks stay importable from their modules:
+:mod:`vnm_jax.trees`, :mod:`vnm_jax.permutation`, :mod:`vnm_jax.permutation_search`,
+:mod:`vnm_jax.selection`, :mod:`vnm_jax.masks`, :mod:`vnm_jax.format`,
+:mod:`vnm_jax.benchmarking`. Models, data sets and the recipes that train them are
+the separate package ``vnm_recipes``; this package never imports it.
+"""
 
 from vnm_jax.benchmarking import MatmulTiming, measure_matmul_speedup
 from vnm_jax.calibration import collect_input_norms
@@ -10,80 +19,81 @@ from vnm_jax.lora import (LoRAAdapter, ThreeStageLoRAState, default_stage_steps,
                           lora_masks, lora_params, merge_lora, three_stage_lora)
 from vnm_jax.masks import as_matrix, from_matrix, is_vnm, nm_mask, vnm_mask
 from vnm_jax.matmul import vnm_matmul
-from vnm_jax.permutation import Permutation
-from vnm_jax.permutation_search import (FoldedPair, LayerPermutationReport, PermutationTable,
-                                        find_permutation, fold_output_permutation, kept_score,
-                                        tree_permutations, unstructured_kept_score)
+from vnm_jax.permutation import FoldedPair, Permutation, fold_output_permutation
+from vnm_jax.permutation_search import find_permutation, kept_score, tree_permutations
 from vnm_jax.scores import Importance, importance_scores, magnitude_score, ria_score, wanda_score
-from vnm_jax.selection import (Candidate, format_candidates, llama_gemm_shapes, mask_diversity,
-                               measure_speedups, model_gemm_shapes, rank_candidates, select_vm)
+from vnm_jax.selection import mask_diversity, measure_speedups, model_gemm_shapes, select_vm
 from vnm_jax.sparse_training import (FixedMaskState, SRSTEState, fixed_mask, sparse_masks,
                                      sparse_params, sr_ste)
-from vnm_jax.trees import (SparsitySummary, kernel_scores, sparsity_summary, tree_apply_masks,
-                           tree_configs, tree_masks)
+from vnm_jax.trees import (kernel_scores, leaves_by_path, path_str, tree_apply_masks,
+                           tree_configs, tree_masks, tree_permute, tree_unpermute)
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Candidate",
-    "CheckpointError",
-    "Checkpointer",
-    "FixedMaskState",
-    "FoldedPair",
-    "Importance",
-    "LayerPermutationReport",
-    "LoRAAdapter",
-    "MatmulTiming",
-    "Permutation",
-    "PermutationTable",
-    "SRSTEState",
-    "SparsitySummary",
-    "ThreeStageLoRAState",
+__all__ = (
+    # The pattern and masks of one kernel.
     "VNMConfig",
-    "VNMDense",
-    "VNMIndex",
-    "VNMLinear",
-    "VNMWeight",
-    "as_matrix",
-    "collect_input_norms",
-    "compress",
-    "convert_to_vnm",
-    "decompress",
-    "default_stage_steps",
-    "find_permutation",
-    "fixed_mask",
-    "fold_output_permutation",
-    "format_candidates",
-    "from_matrix",
-    "importance_scores",
-    "init_lora",
+    "vnm_mask",
     "is_vnm",
-    "kept_score",
-    "kernel_scores",
-    "llama_gemm_shapes",
-    "lora_masks",
-    "lora_params",
-    "magnitude_score",
-    "mask_diversity",
-    "measure_matmul_speedup",
-    "measure_speedups",
-    "merge_lora",
-    "model_gemm_shapes",
     "nm_mask",
-    "rank_candidates",
+    "as_matrix",
+    "from_matrix",
+    # Importance scores and calibration.
+    "Importance",
+    "importance_scores",
+    "magnitude_score",
+    "wanda_score",
     "ria_score",
-    "select_vm",
-    "sparse_masks",
-    "sparse_params",
-    "sparsity_summary",
-    "sr_ste",
-    "three_stage_lora",
-    "tree_apply_masks",
+    "collect_input_norms",
+    # Whole parameter trees.
     "tree_configs",
     "tree_masks",
+    "tree_apply_masks",
+    "kernel_scores",
+    "tree_permute",
+    "tree_unpermute",
+    "path_str",
+    "leaves_by_path",
+    # Channel permutation.
+    "Permutation",
+    "find_permutation",
+    "kept_score",
     "tree_permutations",
-    "unstructured_kept_score",
-    "vnm_mask",
+    "fold_output_permutation",
+    "FoldedPair",
+    # V/M selection.
+    "select_vm",
+    "mask_diversity",
+    "measure_speedups",
+    "model_gemm_shapes",
+    # Sparse training (optax transformations).
+    "fixed_mask",
+    "sr_ste",
+    "sparse_params",
+    "sparse_masks",
+    "FixedMaskState",
+    "SRSTEState",
+    # LoRA.
+    "init_lora",
+    "three_stage_lora",
+    "lora_params",
+    "lora_masks",
+    "merge_lora",
+    "default_stage_steps",
+    "LoRAAdapter",
+    "ThreeStageLoRAState",
+    # The compressed format, the sparse matmul and Flax layers.
+    "VNMWeight",
+    "compress",
+    "decompress",
     "vnm_matmul",
-    "wanda_score",
-]
+    "VNMLinear",
+    "VNMDense",
+    "VNMIndex",
+    "convert_to_vnm",
+    "measure_matmul_speedup",
+    "MatmulTiming",
+    # Checkpoints.
+    "Checkpointer",
+    "CheckpointError",
+)

@@ -26,6 +26,9 @@ Usage::
 Restored arrays take the target leaves' shardings (``jax.Array`` or
 ``jax.ShapeDtypeStruct(shape, dtype, sharding=...)``), so a sharded run restores
 straight onto its mesh.
+
+orbax is imported when a :class:`Checkpointer` is made, not with the package, so
+``import vnm_jax`` stays light for code that never saves.
 """
 
 from __future__ import annotations
@@ -36,7 +39,6 @@ from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 PyTree = Any
 
@@ -46,6 +48,12 @@ _MAX_LISTED = 8
 
 class CheckpointError(ValueError):
   """A checkpoint is missing, damaged, or does not match the tree it is restored into."""
+
+
+def _orbax():
+  """``orbax.checkpoint``, imported on first use."""
+  import orbax.checkpoint as ocp
+  return ocp
 
 
 def _is_key(x) -> bool:
@@ -105,6 +113,7 @@ class Checkpointer:
                                     not isinstance(max_to_keep, int) or max_to_keep < 1):
       raise ValueError(f"max_to_keep must be None or an int >= 1, got {max_to_keep!r}.")
     self.directory = os.path.abspath(os.fspath(directory))
+    ocp = self._ocp = _orbax()
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
@@ -130,8 +139,9 @@ class Checkpointer:
       entry["sha256"] = _sha256(leaf) if checksums else None
     manifest = {"format": MANIFEST_FORMAT, "treedef": treedef, "leaves": leaves,
                 "metadata": metadata or {}}
-    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
-                                                     manifest=ocp.args.JsonSave(manifest)))
+    args = self._ocp.args
+    self._manager.save(step, args=args.Composite(state=args.StandardSave(tree),
+                                                 manifest=args.JsonSave(manifest)))
     self._manager.wait_until_finished()
 
   def all_steps(self) -> list[int]:
@@ -154,9 +164,10 @@ class Checkpointer:
     return step
 
   def _manifest(self, step: int) -> dict:
+    args = self._ocp.args
     try:
       manifest = self._manager.restore(
-          step, args=ocp.args.Composite(manifest=ocp.args.JsonRestore()))["manifest"]
+          step, args=args.Composite(manifest=args.JsonRestore()))["manifest"]
     except Exception as error:  # orbax raises many types for unreadable files
       raise CheckpointError(f"checkpoint step {step} in {self.directory} is damaged: its "
                             f"manifest cannot be read ({type(error).__name__}: {error}).") \
@@ -190,9 +201,10 @@ class Checkpointer:
     manifest = self._manifest(step)
     self._check_target(step, manifest, target)
     abstract = jax.tree_util.tree_map(_abstract, target)
+    args = self._ocp.args
     try:
       restored = self._manager.restore(
-          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+          step, args=args.Composite(state=args.StandardRestore(abstract)))["state"]
     except Exception as error:  # orbax raises many types for unreadable files
       raise CheckpointError(f"checkpoint step {step} in {self.directory} is damaged: its "
                             f"arrays cannot be read ({type(error).__name__}: {error}).") from error

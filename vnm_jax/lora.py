@@ -63,9 +63,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vnm_jax.sparse_training import (_check_configs, _check_masks, _check_rule,
-                                     _check_update_every, _compute_masks, _find_state,
-                                     _flatten_like, _is_none, _leaf_paths, _mask_change)
+from vnm_jax._mask_state import check_update_every, find_state, refresh_masks
+from vnm_jax._tree_util import check_configs, check_masks, flatten_like, is_none, leaf_paths
+from vnm_jax.masks import check_rule
 from vnm_jax.trees import PathFilter, path_predicate, path_str
 
 PyTree = Any
@@ -154,8 +154,8 @@ def init_lora(key: jax.Array, params: PyTree, *, rank: int = 8, alpha: float = 1
 
 def _check_adapters(adapters: PyTree, base: PyTree) -> list:
   """Flattened per-leaf LoRAAdapter | None, validated against the base params."""
-  entries = _flatten_like(base, adapters, "adapters")
-  for path, adapter, w in zip(_leaf_paths(base), entries, jax.tree_util.tree_leaves(base)):
+  entries = flatten_like(base, adapters, "adapters")
+  for path, adapter, w in zip(leaf_paths(base), entries, jax.tree_util.tree_leaves(base)):
     if adapter is None:
       continue
     if not isinstance(adapter, LoRAAdapter):
@@ -271,8 +271,8 @@ def three_stage_lora(inner: optax.GradientTransformation, configs: PyTree, *,
     raise ValueError(f"masks= is the starting mask when there is no dense stage; with "
                      f"dense_steps={dense_steps} the first masks are computed at step "
                      f"{dense_steps}. Pass dense_steps=0 to start from these masks.")
-  _check_update_every(update_every)
-  _check_rule(rule)
+  check_update_every(update_every)
+  check_rule(rule)
   if not regularization >= 0:
     raise ValueError(f"regularization must be >= 0, got {regularization!r}.")
   sparse_start = dense_steps + dynamic_steps  # first step of stage 3
@@ -282,10 +282,10 @@ def three_stage_lora(inner: optax.GradientTransformation, configs: PyTree, *,
                      jnp.where(step < sparse_start, DYNAMIC_STAGE, FIXED_STAGE)).astype(jnp.int32)
 
   def init_fn(adapters):
-    config_leaves, treedef = jax.tree_util.tree_flatten(configs, is_leaf=_is_none)
-    adapter_leaves = _flatten_like(configs, adapters, "adapters", is_leaf=_is_none)
+    config_leaves, treedef = jax.tree_util.tree_flatten(configs, is_leaf=is_none)
+    adapter_leaves = flatten_like(configs, adapters, "adapters", is_leaf=is_none)
     paths = [jax.tree_util.keystr(p) for p, _ in
-             jax.tree_util.tree_flatten_with_path(configs, is_leaf=_is_none)[0]]
+             jax.tree_util.tree_flatten_with_path(configs, is_leaf=is_none)[0]]
     for path, config, adapter in zip(paths, config_leaves, adapter_leaves):
       if config is not None and adapter is None:
         raise ValueError(f"configs{path} = {config} but adapters{path} is None: three_stage_lora "
@@ -295,7 +295,7 @@ def three_stage_lora(inner: optax.GradientTransformation, configs: PyTree, *,
       first = [None if c is None else jnp.ones((a.a.shape[0], a.b.shape[1]), jnp.bool_)
                for c, a in zip(config_leaves, adapter_leaves)]
     else:
-      first = _flatten_like(configs, masks, "masks", is_leaf=_is_none)
+      first = flatten_like(configs, masks, "masks", is_leaf=is_none)
       for path, config, adapter, mask in zip(paths, config_leaves, adapter_leaves, first):
         if (config is None) != (mask is None):
           given = "None" if mask is None else "an array"
@@ -323,9 +323,9 @@ def three_stage_lora(inner: optax.GradientTransformation, configs: PyTree, *,
       raise ValueError("three_stage_lora.update needs the frozen base params: call "
                        "update(grads, opt_state, adapters, base=base).")
     base_leaves, treedef = jax.tree_util.tree_flatten(base)
-    config_leaves = _check_configs(configs, base)
+    config_leaves = check_configs(configs, base)
     adapter_leaves = _check_adapters(params, base)
-    mask_leaves = _check_masks(state.masks, base)
+    mask_leaves = check_masks(state.masks, base)
     grad_leaves = treedef.flatten_up_to(grads)
 
     def regularized():
@@ -349,23 +349,17 @@ def three_stage_lora(inner: optax.GradientTransformation, configs: PyTree, *,
                                         params, **extra_args)
     step = state.step + 1
 
-    def recompute():
+    def effective_weights():
       new_adapters = _check_adapters(optax.apply_updates(params, updates), base)
-      weights = [_effective(w, a, None) for w, a in zip(base_leaves, new_adapters)]
-      new_masks = _compute_masks(weights, config_leaves, rule)
-      changed, flip_rate = _mask_change(mask_leaves, new_masks)
-      return new_masks, state.mask_changes + changed.astype(jnp.int32), flip_rate
+      return [_effective(w, a, None) for w, a in zip(base_leaves, new_adapters)]
 
-    def keep():
-      return mask_leaves, state.mask_changes, state.flip_rate
-
-    if sparse_start > 0:  # otherwise the given masks stay fixed from the start
-      stage2_slot = ((step >= dense_steps) & (step < sparse_start)
-                              & ((step - dense_steps) % update_every == 0))
-      new_masks, mask_changes, flip_rate = jax.lax.cond(
-          stage2_slot | (step == sparse_start), recompute, keep)
-    else:
-      new_masks, mask_changes, flip_rate = keep()
+    # Stage 2 recomputes every update_every steps, and once more on entering stage 3;
+    # without stages 1 and 2 the given masks stay fixed from the start.
+    refresh = ((step >= dense_steps) & (step < sparse_start)
+               & ((step - dense_steps) % update_every == 0)) | (step == sparse_start)
+    new_masks, mask_changes, flip_rate = refresh_masks(
+        refresh if sparse_start > 0 else False, effective_weights, config_leaves, rule,
+        mask_leaves, state.mask_changes, state.flip_rate)
     return updates, ThreeStageLoRAState(step=step, stage=stage_of(step),
                                         masks=treedef.unflatten(new_masks),
                                         mask_changes=mask_changes, flip_rate=flip_rate,
@@ -376,7 +370,7 @@ def three_stage_lora(inner: optax.GradientTransformation, configs: PyTree, *,
 
 def lora_masks(opt_state: PyTree) -> PyTree:
   """The masks tree of a three-stage LoRA state (possibly inside a chain's state)."""
-  return _find_state(opt_state, (ThreeStageLoRAState,), "lora_masks").masks
+  return find_state(opt_state, (ThreeStageLoRAState,), "lora_masks").masks
 
 
 def lora_params(base: PyTree, adapters: PyTree, opt_state: PyTree | None = None) -> PyTree:
@@ -398,7 +392,7 @@ def lora_params(base: PyTree, adapters: PyTree, opt_state: PyTree | None = None)
   base_leaves, treedef = jax.tree_util.tree_flatten(base)
   adapter_leaves = _check_adapters(adapters, base)
   mask_leaves = ([None] * len(base_leaves) if opt_state is None
-                 else _check_masks(lora_masks(opt_state), base))
+                 else check_masks(lora_masks(opt_state), base))
   return treedef.unflatten([_effective(w, a, m)
                             for w, a, m in zip(base_leaves, adapter_leaves, mask_leaves)])
 
@@ -419,7 +413,7 @@ def merge_lora(base: PyTree, adapters: PyTree, opt_state: PyTree) -> PyTree:
   Raises:
     ValueError: the state is still in stage 1 (its masks are all ones).
   """
-  state = _find_state(opt_state, (ThreeStageLoRAState,), "merge_lora")
+  state = find_state(opt_state, (ThreeStageLoRAState,), "merge_lora")
   if not isinstance(state.stage, jax.core.Tracer) and int(state.stage) == DENSE_STAGE:
     raise ValueError("merge_lora: the state is in stage 1 (dense LoRA, masks all ones), so the "
                      "merged kernels would not be sparse; train past stage 1 first.")

@@ -3,6 +3,10 @@
 Axis convention: a Flax kernel is (in_features, out_features). M groups run along
 axis 0 (the reduction axis of ``x @ kernel``), V blocks along axis 1. A block of V
 outputs x M inputs keeps 4 whole input columns, then 2 of those 4 entries per row.
+
+Besides the masks, this module is the one home of what every mask computation checks
+and shares: :func:`check_rule`, :func:`check_scores` and :func:`top2_sum_of_4` (also
+used by the permutation search and the training transforms).
 """
 
 from __future__ import annotations
@@ -72,7 +76,12 @@ def from_matrix(matrix: jax.Array, shape: Sequence[int],
   return jnp.transpose(moved, np.argsort(order))
 
 
-def _check_scores(scores, shape: tuple[int, ...], name: str = "scores") -> jax.Array:
+def check_scores(scores, shape: tuple[int, ...], name: str = "scores") -> jax.Array:
+  """Importance scores of ``shape`` as a floating array; finite and >= 0 outside jit.
+
+  Raises:
+    ValueError: another shape, or (on concrete values) NaN, infinite or negative entries.
+  """
   scores = jnp.asarray(scores)
   if scores.shape != tuple(shape):
     raise ValueError(f"{name} must have the kernel's shape {tuple(shape)}, got {scores.shape}.")
@@ -94,7 +103,8 @@ def _check_config(config) -> VNMConfig:
   return VNMConfig.parse(config)
 
 
-def _check_rule(rule: str) -> None:
+def check_rule(rule: str) -> None:
+  """Raises a ValueError naming :data:`RULES` unless ``rule`` is one of them."""
   if rule not in RULES:
     raise ValueError(f"rule must be one of {RULES}, got {rule!r}.")
 
@@ -144,8 +154,11 @@ def _subsets(m: int) -> np.ndarray:
   return np.array(list(itertools.combinations(range(m), KEPT_COLUMNS)), np.int32)
 
 
-def _top2_sum_of_4(a, b, c, d):
-  """Elementwise sum of the 2 largest of 4 arrays (a sorting network, no sort)."""
+def top2_sum_of_4(a, b, c, d):
+  """Elementwise sum of the 2 largest of 4 arrays (a comparison network, no sort).
+
+  What one row of a block keeps from its 4 kept columns after the 2:4 step.
+  """
   high1, low1 = jnp.maximum(a, b), jnp.minimum(a, b)
   high2, low2 = jnp.maximum(c, d), jnp.minimum(c, d)
   return (jnp.maximum(high1, high2)
@@ -178,7 +191,7 @@ def _exhaustive_columns(blocks: jax.Array) -> jax.Array:
       best_value, best_subset, index = carry
       columns = [jax.lax.dynamic_index_in_dim(chunk, subset[i], 0, keepdims=False)
                  for i in range(KEPT_COLUMNS)]
-      kept = _top2_sum_of_4(*columns).sum(axis=-1)
+      kept = top2_sum_of_4(*columns).sum(axis=-1)
       better = kept > best_value
       return (jnp.where(better, kept, best_value), jnp.where(better, index, best_subset),
               index + 1), None
@@ -242,10 +255,10 @@ def vnm_mask(kernel: jax.Array, config: VNMConfig | str, *, scores: jax.Array | 
     cropped. Jittable; ``config``, ``rule`` and ``in_axes`` must be static.
   """
   config = _check_config(config)
-  _check_rule(rule)
+  check_rule(rule)
   kernel = jnp.asarray(kernel)
-  matrix_scores = as_matrix(_check_scores(jnp.abs(kernel) if scores is None else scores,
-                                          kernel.shape), in_axes)
+  matrix_scores = as_matrix(check_scores(jnp.abs(kernel) if scores is None else scores,
+                                         kernel.shape), in_axes)
   validate_permutation(permutation, matrix_scores.shape)
   mask = _mask_keeping_sharding(permute(matrix_scores, permutation), config, rule)
   return from_matrix(unpermute(mask, permutation), kernel.shape, in_axes)
@@ -257,12 +270,16 @@ def is_vnm(mask, config: VNMConfig | str, *, in_axes: Sequence[int] | int | None
 
   True when, on the (permuted) 2D view, every V x M block uses at most 4 distinct
   input columns and every row of a block has at most 2 non-zeros. A sparser mask
-  passes: it still compresses. Host-side (numpy).
+  passes: it still compresses. Host-side (numpy); a 2D mask that is already in the
+  permuted order (``permutation=None``) is checked without a trip through the device.
   """
   config = _check_config(config)
-  matrix = as_matrix(jnp.asarray(mask) != 0, in_axes)
-  validate_permutation(permutation, matrix.shape)
-  matrix = np.asarray(permute(matrix, permutation))
+  if in_axes is None and permutation is None and np.ndim(mask) == 2:
+    matrix = np.asarray(mask) != 0
+  else:
+    matrix = as_matrix(jnp.asarray(mask) != 0, in_axes)
+    validate_permutation(permutation, matrix.shape)
+    matrix = np.asarray(permute(matrix, permutation))
   k, n = matrix.shape
   kp = -(-k // config.m) * config.m
   np_ = -(-n // config.v) * config.v
@@ -286,7 +303,7 @@ def nm_mask(scores: jax.Array, n: int, m: int, axis: int = 0) -> jax.Array:
   scores = jnp.asarray(scores)
   if not -scores.ndim <= axis < scores.ndim:
     raise ValueError(f"axis={axis} is not an axis of scores with shape {scores.shape}.")
-  scores = _check_scores(scores, scores.shape)
+  scores = check_scores(scores, scores.shape)
   moved = jnp.moveaxis(scores, axis, -1).astype(jnp.float32)
   length = moved.shape[-1]
   padded_length = -(-length // m) * m

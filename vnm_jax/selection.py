@@ -11,18 +11,15 @@ Measuring: :func:`model_gemm_shapes` lists the (in, out) shapes of a model's
 prunable kernels; :func:`measure_speedups` times every shape with
 :func:`vnm_jax.benchmarking.measure_matmul_speedup` for every candidate and gives
 the model-level speedup (total dense time / total V:N:M time, each shape weighted by
-how often it occurs). The command line runs both::
-
-  python -m vnm_jax.selection --model smollm2-135m --tokens 2048 --target 1.3
-  python -m vnm_jax.selection --shapes 576x1536,1536x576 --candidates 64:2:5,64:2:8 --target 1.5
+how often it occurs). GEMM shapes are data ({(in, out): count}); the GEMM shapes of
+named models and the ``vnm-jax select`` command are in the recipes
+(``vnm_recipes.speed``).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
-import sys
 from typing import Callable, Mapping, Sequence
 
 import jax
@@ -31,9 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from vnm_jax.config import KEPT_COLUMNS, VNMConfig
-
-# Candidates the command line measures by default: Spatha's V and typical M (spec 1).
-DEFAULT_CANDIDATES = tuple(f"{v}:2:{m}" for v in (32, 64, 128) for m in (5, 6, 7, 8, 10))
+from vnm_jax.trees import path_predicate, path_str
 
 
 def _check_vm(v, m, where: str = "") -> tuple[int, int]:
@@ -169,8 +164,6 @@ def model_gemm_shapes(params, *, filter=None) -> dict[tuple[int, int], int]:
       regex, a predicate (path, leaf) -> bool, or None for 2D ``kernel`` leaves
       outside embeddings, norms and heads).
   """
-  from vnm_jax.trees import path_predicate, path_str  # trees imports masks; keep this light
-
   selected = path_predicate(filter)
   shapes: dict[tuple[int, int], int] = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
@@ -253,91 +246,3 @@ def measure_speedups(gemm_shapes, candidates: Sequence[VNMConfig | str | tuple[i
     totals[(config.v, config.m)][0] += shapes[(k, n)] * timing.dense_seconds
     totals[(config.v, config.m)][1] += shapes[(k, n)] * timing.vnm_seconds
   return {key: dense / vnm for key, (dense, vnm) in totals.items()}
-
-
-def llama_gemm_shapes(config) -> dict[tuple[int, int], int]:
-  """{(in, out): count} of the prunable kernels of a :class:`vnm_jax.models.llama.Llama`.
-
-  Per block: q (hidden, heads*head_dim), k and v (hidden, kv_heads*head_dim), o
-  (heads*head_dim, hidden), gate and up (hidden, ffn), down (ffn, hidden); the same
-  as :func:`model_gemm_shapes` of the model, without building it.
-  """
-  hidden, ffn = config.hidden_size, config.intermediate_size
-  q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-  shapes: dict[tuple[int, int], int] = {}
-  for shape in [(hidden, q), (hidden, kv), (hidden, kv), (q, hidden), (hidden, ffn),
-                (hidden, ffn), (ffn, hidden)]:
-    shapes[shape] = shapes.get(shape, 0) + config.num_layers
-  return shapes
-
-
-MODELS = ("smollm2-135m", "vit-digits")
-
-
-def _named_model_shapes(name: str) -> dict[tuple[int, int], int]:
-  """GEMM shapes of a known architecture (SmolLM2-135M; the digits ViT's defaults)."""
-  if name == "smollm2-135m":
-    from vnm_jax.models.llama import LlamaConfig
-    return llama_gemm_shapes(LlamaConfig.smollm2_135m())
-  if name == "vit-digits":
-    from flax import nnx
-
-    from vnm_jax.models.vit import ViT, ViTConfig
-    return model_gemm_shapes(nnx.state(nnx.eval_shape(lambda: ViT(ViTConfig(),
-                                                                  rngs=nnx.Rngs(0)))))
-  raise ValueError(f"--model must be one of {MODELS}, got {name!r}.")
-
-
-def _shape_argument(text: str) -> dict[tuple[int, int], int]:
-  shapes = {}
-  for item in text.split(","):
-    try:
-      k, n = (int(x) for x in item.lower().split("x"))
-    except ValueError:
-      raise argparse.ArgumentTypeError(f"shapes must look like 576x1536,1536x576; got "
-                                       f"{item!r}.") from None
-    shapes[(k, n)] = shapes.get((k, n), 0) + 1
-  return shapes
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  """``select``: measure the candidates on this device and print the table and the choice."""
-  parser = argparse.ArgumentParser(
-      prog="python -m vnm_jax.selection",
-      description="Pick V and M: the most diverse V:N:M pattern whose measured speedup "
-                  "over dense, on this device and for the model's GEMM shapes, meets the "
-                  "target.")
-  source = parser.add_mutually_exclusive_group(required=True)
-  source.add_argument("--model", choices=MODELS, help="take the GEMM shapes of this model")
-  source.add_argument("--shapes", type=_shape_argument,
-                      help="GEMM shapes as INxOUT,INxOUT,... (each counted once per mention)")
-  parser.add_argument("--candidates", default=",".join(DEFAULT_CANDIDATES),
-                      help="comma-separated V:N:M configs (default: %(default)s)")
-  parser.add_argument("--target", type=float, required=True, help="required speedup, e.g. 1.5")
-  parser.add_argument("--tokens", type=int, default=2048, help="activation rows (default 2048)")
-  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-  parser.add_argument("--implementation", default=None, choices=("pallas", "xla"),
-                      help="V:N:M matmul path (default: the library's choice)")
-  parser.add_argument("--repeats", type=int, default=10, help="timed runs per matmul")
-  args = parser.parse_args(argv)
-  shapes = _named_model_shapes(args.model) if args.model else args.shapes
-  candidates = [VNMConfig.parse(c) for c in args.candidates.split(",") if c.strip()]
-  print(f"device: {jax.devices()[0].device_kind}; tokens {args.tokens}; dtype {args.dtype}")
-  print("GEMM shapes (in x out: count): "
-        + ", ".join(f"{k}x{n}: {c}" for (k, n), c in sorted(shapes.items())))
-  speedups = measure_speedups(shapes, candidates, args.tokens, dtype=jnp.dtype(args.dtype),
-                              implementation=args.implementation, repeats=args.repeats)
-  ranked = rank_candidates(speedups, args.target)
-  try:
-    choice = select_vm(speedups, args.target)
-  except ValueError as error:
-    print(format_candidates(ranked, args.target))
-    print(f"no choice: {error}")
-    return 1
-  print(format_candidates(ranked, args.target, choice))
-  print(f"choice: {choice[0]}:2:{choice[1]}")
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -67,10 +67,10 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
-from vnm_jax.config import VNMConfig
-from vnm_jax.masks import RULES, vnm_mask
+from vnm_jax._mask_state import check_update_every, compute_masks, find_state, refresh_masks
+from vnm_jax._tree_util import check_configs, check_masks
+from vnm_jax.masks import check_rule
 
 PyTree = Any
 
@@ -113,121 +113,13 @@ class SRSTEState(NamedTuple):
   inner_state: optax.OptState
 
 
-def _is_none(x) -> bool:
-  return x is None
-
-
-def _leaf_paths(params: PyTree) -> list[str]:
-  """Readable paths (``jax.tree_util.keystr``) of the params' leaves, in flatten order."""
-  return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-
-
-def _flatten_like(params: PyTree, tree: PyTree, name: str, is_leaf=None) -> list:
-  """The entries of ``tree`` at the positions of the params' leaves (None where dense).
-
-  ``is_leaf`` applies to ``params`` (``_is_none`` when the reference is itself a
-  configs or masks tree).
-
-  Raises:
-    ValueError: ``tree`` does not have the params' structure.
-  """
-  # nnx.Optimizer keeps its state in OptVariable nodes where the params have Param
-  # nodes: compare the trees without their Variable wrappers.
-  treedef = jax.tree_util.tree_structure(nnx.as_pure(params), is_leaf=is_leaf)
-  try:
-    return treedef.flatten_up_to(nnx.as_pure(tree))
-  except (ValueError, TypeError) as error:
-    raise ValueError(f"{name} must have the params' structure (with None at dense leaves); "
-                     f"params are {treedef}, {name} is "
-                     f"{jax.tree_util.tree_structure(tree, is_leaf=_is_none)}: {error}") from None
-
-
-def _check_configs(configs: PyTree, params: PyTree, name: str = "configs") -> list:
-  """Flattened per-leaf VNMConfig | None, validated against the params.
-
-  Raises:
-    ValueError/TypeError naming the leaf's path when the structure differs, an
-    entry is not a VNMConfig or None, or a sparse leaf is not a 2D kernel.
-  """
-  entries = _flatten_like(params, configs, name)
-  for path, config, leaf in zip(_leaf_paths(params), entries, jax.tree_util.tree_leaves(params)):
-    if config is None:
-      continue
-    if not isinstance(config, VNMConfig):
-      raise TypeError(f"{name}{path} must be a VNMConfig or None, got {config!r}.")
-    if jnp.ndim(leaf) != 2:
-      raise ValueError(f"{name}{path} = {config} applies to a leaf of shape {jnp.shape(leaf)}; "
-                       f"sparse leaves must be 2D kernels (in_features, out_features).")
-  return entries
-
-
-def _check_masks(masks: PyTree, params: PyTree, name: str = "masks") -> list:
-  """Flattened per-leaf bool mask | None, validated against the params.
-
-  Raises:
-    ValueError/TypeError naming the leaf's path when the structure differs or a
-    mask is not a bool array of the leaf's shape.
-  """
-  entries = _flatten_like(params, masks, name)
-  for path, mask, leaf in zip(_leaf_paths(params), entries, jax.tree_util.tree_leaves(params)):
-    if mask is None:
-      continue
-    if not hasattr(mask, "dtype") or mask.dtype != jnp.bool_:
-      raise TypeError(f"{name}{path} must be a bool array (True = kept), got "
-                      f"{getattr(mask, 'dtype', type(mask).__name__)}.")
-    if mask.shape != jnp.shape(leaf):
-      raise ValueError(f"{name}{path} has shape {mask.shape}, the param has shape "
-                       f"{jnp.shape(leaf)}.")
-  return entries
-
-
-def _check_rule(rule: str) -> None:
-  if rule not in RULES:
-    raise ValueError(f"rule must be one of {RULES}, got {rule!r}.")
-
-
-def _check_update_every(update_every: int) -> None:
-  if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
-    raise ValueError(f"update_every must be an int >= 1 (recompute the mask every k steps), "
-                     f"got {update_every!r}.")
-
-
-def _compute_masks(weights: list, configs: list, rule: str) -> list:
-  """Per-leaf V:N:M masks of |weight| (None where the config is None). Jittable."""
-  return [None if config is None else vnm_mask(w, config, rule=rule)
-          for w, config in zip(weights, configs)]
-
-
-def _mask_change(old: list, new: list) -> tuple[jax.Array, jax.Array]:
-  """(any entry changed: bool scalar, fraction of sparse entries changed: float32)."""
-  pairs = [(o, n) for o, n in zip(old, new) if n is not None]
-  if not pairs:
-    return jnp.bool_(False), jnp.float32(0.0)
-  flips = sum(jnp.sum(o != n, dtype=jnp.int32).astype(jnp.float32) for o, n in pairs)
-  total = sum(n.size for _, n in pairs)
-  return flips > 0, flips / total
-
-
-def _find_state(opt_state: PyTree, types: tuple[type, ...], caller: str):
-  """The single state of one of ``types`` inside an optax state (a chain's tuple, ...)."""
-  found = [s for s in jax.tree_util.tree_leaves(opt_state,
-                                                is_leaf=lambda x: isinstance(x, types))
-           if isinstance(s, types)]
-  names = " or ".join(t.__name__ for t in types)
-  if len(found) != 1:
-    raise ValueError(f"{caller} needs an optimizer state holding exactly one {names}, found "
-                     f"{len(found)} in {type(opt_state).__name__}; pass the state of the "
-                     f"transformation that owns the masks.")
-  return found[0]
-
-
 def sparse_masks(opt_state: PyTree) -> PyTree:
   """The masks tree (params' structure, None where dense) of a fixed-mask or SR-STE state.
 
   ``opt_state`` may be the state of a chain or wrapper that contains exactly one
   :class:`FixedMaskState` or :class:`SRSTEState`.
   """
-  return _find_state(opt_state, (FixedMaskState, SRSTEState), "sparse_masks").masks
+  return find_state(opt_state, (FixedMaskState, SRSTEState), "sparse_masks").masks
 
 
 def sparse_params(params: PyTree, opt_state: PyTree) -> PyTree:
@@ -243,7 +135,7 @@ def sparse_params(params: PyTree, opt_state: PyTree) -> PyTree:
     params: the dense params (any structure: linen dict, nnx.State, ...).
     opt_state: a state containing one :class:`FixedMaskState` or :class:`SRSTEState`.
   """
-  masks = _check_masks(sparse_masks(opt_state), params)
+  masks = check_masks(sparse_masks(opt_state), params)
   leaves, treedef = jax.tree_util.tree_flatten(params)
   forward = [w if m is None else w + jax.lax.stop_gradient(jnp.where(m, w, 0) - w)
              for w, m in zip(leaves, masks)]
@@ -277,7 +169,7 @@ def fixed_mask(inner: optax.GradientTransformation,
 
   def init_fn(params):
     tree = masks(params) if callable(masks) else masks
-    entries = _check_masks(tree, params)
+    entries = check_masks(tree, params)
     # Own copies: a train step that donates the state must not delete the caller's masks.
     entries = [None if m is None else jnp.copy(m) for m in entries]
     return FixedMaskState(masks=jax.tree_util.tree_structure(params).unflatten(entries),
@@ -286,7 +178,7 @@ def fixed_mask(inner: optax.GradientTransformation,
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
       raise ValueError(NO_PARAMS_MSG.format(name="fixed_mask"))
-    mask_leaves = _check_masks(state.masks, params)
+    mask_leaves = check_masks(state.masks, params)
     param_leaves, treedef = jax.tree_util.tree_flatten(params)
     grads = treedef.unflatten([
         g if m is None else jnp.where(m, g, jnp.zeros((), g.dtype))
@@ -325,14 +217,14 @@ def sr_ste(inner: optax.GradientTransformation, configs: PyTree, *,
     computes the first masks from the initial params; ``update`` requires ``params``.
   """
   inner = optax.with_extra_args_support(inner)
-  _check_update_every(update_every)
-  _check_rule(rule)
+  check_update_every(update_every)
+  check_rule(rule)
   if not decay >= 0:
     raise ValueError(f"decay must be >= 0 (lambda of the SR-STE term), got {decay!r}.")
 
   def init_fn(params):
-    config_leaves = _check_configs(configs, params)
-    masks = _compute_masks(jax.tree_util.tree_leaves(params), config_leaves, rule)
+    config_leaves = check_configs(configs, params)
+    masks = compute_masks(jax.tree_util.tree_leaves(params), config_leaves, rule)
     return SRSTEState(step=jnp.zeros((), jnp.int32),
                       masks=jax.tree_util.tree_structure(params).unflatten(masks),
                       mask_changes=jnp.zeros((), jnp.int32), flip_rate=jnp.zeros((), jnp.float32),
@@ -341,8 +233,8 @@ def sr_ste(inner: optax.GradientTransformation, configs: PyTree, *,
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
       raise ValueError(NO_PARAMS_MSG.format(name="sr_ste"))
-    config_leaves = _check_configs(configs, params)
-    mask_leaves = _check_masks(state.masks, params)
+    config_leaves = check_configs(configs, params)
+    mask_leaves = check_masks(state.masks, params)
     param_leaves, treedef = jax.tree_util.tree_flatten(params)
     grads = treedef.unflatten([
         g if m is None else g + (decay * jnp.where(m, 0, w)).astype(g.dtype)
@@ -350,19 +242,10 @@ def sr_ste(inner: optax.GradientTransformation, configs: PyTree, *,
     updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
     step = state.step + 1
 
-    def recompute():
-      new_weights = jax.tree_util.tree_leaves(optax.apply_updates(params, updates))
-      new_masks = _compute_masks(new_weights, config_leaves, rule)
-      changed, flip_rate = _mask_change(mask_leaves, new_masks)
-      return new_masks, state.mask_changes + changed.astype(jnp.int32), flip_rate
-
-    def keep():
-      return mask_leaves, state.mask_changes, state.flip_rate
-
-    if update_every == 1:
-      masks, mask_changes, flip_rate = recompute()
-    else:
-      masks, mask_changes, flip_rate = jax.lax.cond(step % update_every == 0, recompute, keep)
+    masks, mask_changes, flip_rate = refresh_masks(
+        True if update_every == 1 else step % update_every == 0,
+        lambda: jax.tree_util.tree_leaves(optax.apply_updates(params, updates)),
+        config_leaves, rule, mask_leaves, state.mask_changes, state.flip_rate)
     return updates, SRSTEState(step=step, masks=treedef.unflatten(masks),
                                mask_changes=mask_changes, flip_rate=flip_rate,
                                inner_state=inner_state)

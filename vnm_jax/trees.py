@@ -19,6 +19,10 @@ over such a tree with the results first and ``is_leaf=lambda x: x is None``::
                is_leaf=lambda x: x is None)
 
 or use :func:`tree_apply_masks`.
+
+:func:`leaves_by_path` is the one way this library keys per-path data (a flat dict by
+path string without ``params/``); :func:`tree_permute` and :func:`tree_unpermute`
+reorder the kernels of a tree by a :class:`~vnm_jax.permutation.Permutation` per path.
 """
 
 from __future__ import annotations
@@ -33,8 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from vnm_jax.config import VNMConfig
-from vnm_jax.masks import RULES, Rule, as_matrix, from_matrix, vnm_mask
-from vnm_jax.permutation import Permutation
+from vnm_jax._tree_util import (canonical_path, compile_patterns, compile_regex, contraction_axes,
+                                first_match, preview, shape_of)
+from vnm_jax.masks import Rule, as_matrix, check_rule, from_matrix, vnm_mask
+from vnm_jax.permutation import Permutation, permute, unpermute, validate_permutation
 from vnm_jax.scores import Importance, importance_scores
 
 PathFilter = str | Callable[[str, Any], bool]
@@ -44,8 +50,6 @@ ScoreFn = Callable[[jax.Array, "jax.Array | None"], jax.Array]
 # layers, output heads (head, lm_head, *_head) and classifiers. Case-insensitive.
 DEFAULT_DENSE_PATTERN = r"(?i)embed|norm|classifier|(^|[/_.])head([/_.\d]|$)"
 _DEFAULT_DENSE = re.compile(DEFAULT_DENSE_PATTERN)
-
-_LINEN_PARAMS_PREFIX = "params/"
 
 
 def path_str(path: Sequence[Any]) -> str:
@@ -72,13 +76,18 @@ def path_str(path: Sequence[Any]) -> str:
   return "/".join(parts)
 
 
-def _canonical(path: str) -> str:
-  return path[len(_LINEN_PARAMS_PREFIX):] if path.startswith(_LINEN_PARAMS_PREFIX) else path
+def leaves_by_path(tree, *, is_leaf=None) -> dict[str, Any]:
+  """``{path string: leaf}`` of a tree, paths without a leading linen ``params/``.
 
-
-def _shape(leaf) -> tuple[int, ...] | None:
-  shape = getattr(leaf, "shape", None)
-  return None if shape is None else tuple(shape)
+  The one way per-path inputs are keyed (see the module docstring): a masks or
+  configs tree (None at dense leaves, which are skipped), a flat dict keyed by path
+  string (returned as it is, less the prefix) and ``tree=None`` (an empty dict) all
+  work. ``is_leaf`` is passed to ``jax.tree_util.tree_flatten_with_path``.
+  """
+  if tree is None:
+    return {}
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
+  return {canonical_path(path_str(key_path)): leaf for key_path, leaf in leaves}
 
 
 def default_filter(path: str, leaf) -> bool:
@@ -89,20 +98,9 @@ def default_filter(path: str, leaf) -> bool:
   :data:`DEFAULT_DENSE_PATTERN` (``embed``, ``norm``, ``classifier`` anywhere;
   ``head`` as a name part: ``head``, ``lm_head``, ``cls_head_0``, not ``heads``).
   """
-  shape = _shape(leaf)
+  shape = shape_of(leaf)
   return (path.rsplit("/", 1)[-1] == "kernel" and shape is not None and len(shape) == 2
           and _DEFAULT_DENSE.search(path) is None)
-
-
-def _compile(pattern, argument: str) -> re.Pattern:
-  if not isinstance(pattern, str):
-    raise TypeError(f"{argument} patterns must be regex strings, got {pattern!r} "
-                    f"({type(pattern).__name__}).")
-  try:
-    return re.compile(pattern)
-  except re.error as error:
-    raise ValueError(f"{argument} has an invalid regular expression {pattern!r}: {error}.") \
-        from None
 
 
 def path_predicate(filter: PathFilter | None,
@@ -113,7 +111,7 @@ def path_predicate(filter: PathFilter | None,
   if filter is None:
     return default
   if isinstance(filter, str):
-    compiled = _compile(filter, "filter")
+    compiled = compile_regex(filter, "filter")
     return lambda path, leaf: compiled.search(path) is not None
   if callable(filter):
     return filter
@@ -130,33 +128,11 @@ def _parse_config(config, argument: str) -> VNMConfig | None:
     raise type(error)(f"{argument}: {error}") from None
 
 
-def _compile_patterns(mapping, argument: str, parse_value) -> list[tuple[str, re.Pattern, Any]]:
-  if mapping is None:
-    return []
-  if not isinstance(mapping, Mapping):
-    raise TypeError(f"{argument} must be a mapping from path regex to value, got "
-                    f"{type(mapping).__name__}.")
-  return [(pattern, _compile(pattern, argument), parse_value(value, f"{argument}[{pattern!r}]"))
-          for pattern, value in mapping.items()]
-
-
-def _first_match(patterns, path: str):
-  for pattern, compiled, value in patterns:
-    if compiled.search(path) is not None:
-      return pattern, value
-  return None, None
-
-
-def _preview(paths: Sequence[str], count: int = 6) -> str:
-  shown = ", ".join(repr(p) for p in paths[:count])
-  return shown + (f", ... ({len(paths)} in all)" if len(paths) > count else "")
-
-
 def _plan(params, config, filter, configs) -> tuple[list[tuple[str, Any, VNMConfig | None]], Any]:
   """Flattens ``params`` and decides each leaf's config (None = dense)."""
   default_config = _parse_config(config, "config")
   predicate = path_predicate(filter)
-  overrides = _compile_patterns(configs, "configs", _parse_config)
+  overrides = compile_patterns(configs, "configs", _parse_config)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   if not leaves:
     raise ValueError("params has no leaves; pass a linen param dict or an nnx.State.")
@@ -166,24 +142,24 @@ def _plan(params, config, filter, configs) -> tuple[list[tuple[str, Any, VNMConf
     if not predicate(path, leaf):
       plan.append((path, leaf, None))
       continue
-    shape = _shape(leaf)
+    shape = shape_of(leaf)
     if shape is None or len(shape) < 2:
       raise ValueError(f"filter selected {path!r} with shape {shape}: V:N:M needs a kernel with "
                        f"at least 2 dims (in, out); narrow the filter, e.g. end it with "
                        f"'kernel$'.")
     selected.append(path)
-    pattern, override = _first_match(overrides, path)
+    pattern, override = first_match(overrides, path)
     if pattern is not None:
       used.add(pattern)
     plan.append((path, leaf, override if pattern is not None else default_config))
   if not selected:
     raise ValueError(f"filter={filter!r} selected no leaf of params; its paths are "
-                     f"{_preview([p for p, _, _ in plan])}.")
+                     f"{preview([p for p, _, _ in plan])}.")
   unused = [pattern for pattern, _, _ in overrides if pattern not in used]
   if unused:
     raise ValueError(f"configs patterns {unused} match no leaf selected by the filter (the "
                      f"default filter keeps embeddings, norms and heads dense; pass filter= to "
-                     f"select them); selected: {_preview(selected)}.")
+                     f"select them); selected: {preview(selected)}.")
   return plan, treedef
 
 
@@ -213,13 +189,6 @@ def tree_configs(params, config: VNMConfig | str | None, *, filter: PathFilter |
   return jax.tree_util.tree_unflatten(treedef, [cfg for _, _, cfg in plan])
 
 
-def _by_path(tree, is_leaf=None) -> dict[str, Any]:
-  if tree is None:
-    return {}
-  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
-  return {_canonical(path_str(key_path)): leaf for key_path, leaf in leaves}
-
-
 def _score_fn(score) -> tuple[ScoreFn, Importance | None]:
   if callable(score) and not isinstance(score, (str, Importance)):
     return score, None
@@ -231,7 +200,7 @@ def _leaf_scores(path, leaf, axes, score_fn, importance, norms, given_norm_paths
   """Scores of one kernel: ``score_fn`` on its 2D (in, out) view, back in its shape."""
   matrix = as_matrix(jnp.asarray(leaf), axes)
   if importance is not None and importance.needs_input_norms and norms is None:
-    hint = (f"input_norms has entries for {_preview(sorted(given_norm_paths))}"
+    hint = (f"input_norms has entries for {preview(sorted(given_norm_paths))}"
             if given_norm_paths else "no input_norms were given")
     raise ValueError(f"score={importance.value!r} needs input_norms for {path!r} (shape "
                      f"({matrix.shape[0]},)); {hint}. Collect them with "
@@ -299,33 +268,26 @@ def tree_masks(params, config: VNMConfig | str | None, *, filter: PathFilter | N
     where pruned, None where dense. Jittable over ``params`` (and array arguments);
     checks on values (NaN, negative) then only run on concrete inputs.
   """
-  if rule not in RULES:
-    raise ValueError(f"rule must be one of {RULES}, got {rule!r}.")
+  check_rule(rule)
   score_fn, importance = _score_fn(score)
   plan, treedef = _plan(params, config, filter, configs)
-  axes_patterns = _compile_patterns(in_axes, "in_axes", lambda value, _: value)
-  given_scores = _by_path(scores)
-  norms_by_path = _by_path(input_norms)
-  permutation_by_path = _by_path(permutations,
-                                 is_leaf=lambda x: isinstance(x, Permutation))
+  axes_patterns = compile_patterns(in_axes, "in_axes", lambda value, _: value)
+  given_scores = leaves_by_path(scores)
+  norms_by_path = leaves_by_path(input_norms)
+  permutation_by_path = leaves_by_path(permutations,
+                                        is_leaf=lambda x: isinstance(x, Permutation))
   masks = []
   for path, leaf, cfg in plan:
     if cfg is None:
       masks.append(None)
       continue
-    key = _canonical(path)
-    axes = None
-    if len(leaf.shape) > 2:
-      pattern, axes = _first_match(axes_patterns, path)
-      if pattern is None:
-        raise ValueError(f"{path!r} has shape {tuple(leaf.shape)}: a kernel with more than 2 "
-                         f"dims needs its contraction axes in in_axes, e.g. "
-                         f"in_axes={{{path!r}: (0,)}}.")
+    key = canonical_path(path)
+    axes = contraction_axes(path, leaf.shape, axes_patterns)
     try:
       if key in given_scores:
         leaf_scores = given_scores[key]
-        if _shape(leaf_scores) != tuple(leaf.shape):
-          raise ValueError(f"scores[{path!r}] has shape {_shape(leaf_scores)}; it must have "
+        if shape_of(leaf_scores) != tuple(leaf.shape):
+          raise ValueError(f"scores[{path!r}] has shape {shape_of(leaf_scores)}; it must have "
                            f"the kernel's shape {tuple(leaf.shape)}.")
       else:
         leaf_scores = _leaf_scores(path, leaf, axes, score_fn, importance,
@@ -339,12 +301,19 @@ def tree_masks(params, config: VNMConfig | str | None, *, filter: PathFilter | N
   return jax.tree_util.tree_unflatten(treedef, masks)
 
 
-def _masks_by_path(masks, params_paths: set[str]) -> dict[str, Any]:
-  found = _by_path(masks)
+def _entries_by_path(tree, params_paths: set[str], argument: str,
+                     is_leaf=None) -> dict[str, Any]:
+  """:func:`leaves_by_path` of a per-path input, every path of which must be in params."""
+  found = leaves_by_path(tree, is_leaf=is_leaf)
   stray = sorted(set(found) - params_paths)
   if stray:
-    raise ValueError(f"masks has entries for paths that are not in params: {_preview(stray)}.")
+    raise ValueError(f"{argument} has entries for paths that are not in params: "
+                     f"{preview(stray)}.")
   return found
+
+
+def _masks_by_path(masks, params_paths: set[str]) -> dict[str, Any]:
+  return _entries_by_path(masks, params_paths, "masks")
 
 
 def tree_apply_masks(params, masks):
@@ -354,20 +323,68 @@ def tree_apply_masks(params, masks):
   flat dict of bool masks matched to ``params`` by path.
   """
   leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-  masks_found = _masks_by_path(masks, {_canonical(path_str(p)) for p, _ in leaves})
+  masks_found = _masks_by_path(masks, {canonical_path(path_str(p)) for p, _ in leaves})
 
   def apply(key_path, leaf):
     path = path_str(key_path)
-    mask = masks_found.get(_canonical(path))
+    mask = masks_found.get(canonical_path(path))
     if mask is None:
       return leaf
-    if _shape(mask) != _shape(leaf):
-      raise ValueError(f"masks[{path!r}] has shape {_shape(mask)}; the parameter has shape "
-                       f"{_shape(leaf)}.")
+    if shape_of(mask) != shape_of(leaf):
+      raise ValueError(f"masks[{path!r}] has shape {shape_of(mask)}; the parameter has shape "
+                       f"{shape_of(leaf)}.")
     leaf = jnp.asarray(leaf)
     return jnp.where(mask, leaf, jnp.zeros((), leaf.dtype))
 
   return jax.tree_util.tree_map_with_path(apply, params)
+
+
+def _reorder(tree, permutations, undo: bool):
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  found = _entries_by_path(permutations, {canonical_path(path_str(p)) for p, _ in leaves},
+                           "permutations", is_leaf=lambda x: isinstance(x, Permutation))
+
+  def reorder(key_path, leaf):
+    path = path_str(key_path)
+    permutation = found.get(canonical_path(path))
+    if permutation is None:
+      return leaf
+    if len(shape_of(leaf) or ()) != 2:
+      raise ValueError(f"permutations[{path!r}] applies to a leaf of shape {shape_of(leaf)}; "
+                       f"a Permutation reorders a 2D (in, out) kernel.")
+    validate_permutation(permutation, shape_of(leaf))
+    leaf = jnp.asarray(leaf)
+    return unpermute(leaf, permutation) if undo else permute(leaf, permutation)
+
+  return jax.tree_util.tree_map_with_path(reorder, tree)
+
+
+def tree_permute(tree, permutations):
+  """Every kernel that ``permutations`` names as ``kernel[inputs][:, outputs]``.
+
+  V:N:M groups formed on a permuted kernel (``vnm_mask`` without a permutation) are
+  the groups ``vnm_mask(kernel, config, permutation=p)`` forms on the original one:
+  a recipe can store and train its kernels permuted, and map them back for the
+  forward pass with :func:`tree_unpermute`.
+
+  Args:
+    tree: params (a linen dict or an ``nnx.State``), masks (None where dense) or any
+      tree whose leaves at the permuted paths are 2D (in, out) arrays.
+    permutations: a :class:`~vnm_jax.permutation.Permutation` by path (a flat dict
+      keyed by path string, as :func:`vnm_jax.tree_permutations` returns, or a tree),
+      matched with or without the leading ``params/``; paths it does not name are
+      returned unchanged. Jittable, also with the permutations as traced arguments.
+
+  Raises:
+    ValueError: a path not in ``tree``, a leaf that is not 2D, or an ordering that
+      does not fit its kernel.
+  """
+  return _reorder(tree, permutations, undo=False)
+
+
+def tree_unpermute(tree, permutations):
+  """Inverse of :func:`tree_permute`: every named kernel back in original coordinates."""
+  return _reorder(tree, permutations, undo=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -453,20 +470,20 @@ def sparsity_summary(params, masks, configs=None) -> SparsitySummary:
     without a mask counts as fully dense.
   """
   leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-  masks_found = _masks_by_path(masks, {_canonical(path_str(p)) for p, _ in leaves})
-  configs_found = _by_path(configs, is_leaf=lambda x: isinstance(x, VNMConfig))
+  masks_found = _masks_by_path(masks, {canonical_path(path_str(p)) for p, _ in leaves})
+  configs_found = leaves_by_path(configs, is_leaf=lambda x: isinstance(x, VNMConfig))
   layers, dense_leaves, dense_size = [], 0, 0
   for key_path, leaf in leaves:
     path = path_str(key_path)
-    shape = _shape(leaf) or ()
-    mask = masks_found.get(_canonical(path))
+    shape = shape_of(leaf) or ()
+    mask = masks_found.get(canonical_path(path))
     if mask is None:
       dense_leaves += 1
       dense_size += math.prod(shape)
       continue
-    if _shape(mask) != shape:
-      raise ValueError(f"masks[{path!r}] has shape {_shape(mask)}; the parameter has shape "
+    if shape_of(mask) != shape:
+      raise ValueError(f"masks[{path!r}] has shape {shape_of(mask)}; the parameter has shape "
                        f"{shape}.")
-    layers.append(LayerDensity(path, shape, configs_found.get(_canonical(path)),
+    layers.append(LayerDensity(path, shape, configs_found.get(canonical_path(path)),
                                int(np.count_nonzero(np.asarray(mask))), math.prod(shape)))
   return SparsitySummary(tuple(layers), dense_leaves, dense_size)

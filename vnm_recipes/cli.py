@@ -1,48 +1,33 @@
-"""The ``vnm-jax`` command line.
+"""The ``vnm-jax`` command line (the console script of the package; it may import both
+the library ``vnm_jax`` and the recipes).
 
 Subcommands::
 
     vnm-jax demo     # dense ViT on the digits, then 64:2:5 / 64:2:8 pruning and fine-tuning
-                     # ("short" preset of train/vit.py): a table and an accuracy/speedup plot
-    vnm-jax vit      # train/vit.py: dense training (--epochs ...) or the pipeline (--preset full)
-    vnm-jax llm      # train/llm.py: SmolLM2 one-shot pruning grid and three-stage LoRA
-    vnm-jax bench    # bench/kernel.py: dense vs V:N:M matmul timings on this device
+                     # ("short" preset of vnm_recipes.vit): a table and an accuracy/speedup plot
+    vnm-jax vit      # vnm_recipes.vit: dense training (--epochs ...) or the pipeline (--preset)
+    vnm-jax llm      # vnm_recipes.llm: SmolLM2 one-shot pruning grid and three-stage LoRA
+    vnm-jax bench    # vnm_recipes.speed: dense vs V:N:M matmul timings on this device
     vnm-jax select   # pick V and M: the most diverse pattern meeting a measured speedup
     vnm-jax prune    # one-shot prune a checkpoint or a GGUF model, save sparse + compressed
 
-``vit``, ``llm``, ``bench`` and ``select`` hand their arguments to the scripts' own
-parsers (``vnm-jax vit --help`` shows them). A bad argument or a missing file exits with
-status 2 and a message naming the argument.
+``vit``, ``llm``, ``bench`` and ``select`` hand their arguments to their own parsers
+(``vnm-jax vit --help`` shows them). A bad argument or a missing file exits with status
+2 and a message naming the argument.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import pathlib
 import re
 import sys
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
-from vnm_jax.config import VNMConfig
+from vnm_recipes.arguments import config_argument, positive_float_argument, positive_int_argument
 
-# Kernels `prune` prunes by default, per source model (path regexes for vnm_jax.trees).
-VIT_PRUNABLE = r"^blocks/\d+/(attention/(qkv|out)|mlp/fc[12])/kernel$"
-LLAMA_PRUNABLE = r"^layers/\d+/(attention|mlp)/\w+_proj/kernel$"
 CALIBRATION_BATCH = 256  # digits images per calibration batch
-# bench/ is a folder of scripts beside the package, not an installed module.
-BENCH_KERNEL = pathlib.Path(__file__).resolve().parent.parent / "bench" / "kernel.py"
-SCORES = ("magnitude", "wanda", "ria")  # vnm_jax.scores.Importance values
-
-
-# ----------------------------------------------------------------------------- argument types
-
-def config_argument(text: str) -> VNMConfig:
-  """argparse type: a V:N:M config such as "64:2:8" (or "2:4")."""
-  try:
-    return VNMConfig.parse(text)
-  except (TypeError, ValueError) as error:
-    raise argparse.ArgumentTypeError(str(error)) from None
+SCORES = ("magnitude", "wanda", "ria")  # vnm_jax.Importance values
 
 
 def prune_source_argument(text: str) -> pathlib.Path:
@@ -57,60 +42,32 @@ def prune_source_argument(text: str) -> pathlib.Path:
   return path
 
 
-def positive_float_argument(text: str) -> float:
-  """argparse type: a number > 0."""
-  try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-  if not value > 0:
-    raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-  return value
-
-
-def positive_int_argument(text: str) -> int:
-  """argparse type: an int >= 1."""
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
-  return value
-
-
 # ----------------------------------------------------------------------------- delegated commands
 
 def _run_vit(argv: Sequence[str]) -> int:
-  from train import vit
-  return vit.main(list(argv))
+  from vnm_recipes.vit import cli
+  return cli.main(list(argv))
 
 
 def _run_llm(argv: Sequence[str]) -> int:
-  from train import llm
-  return llm.main(list(argv))
+  from vnm_recipes.llm import cli
+  return cli.main(list(argv))
 
 
 def _run_select(argv: Sequence[str]) -> int:
-  from vnm_jax import selection
-  return selection.main(list(argv))
+  from vnm_recipes import speed
+  return speed.select_main(list(argv))
 
 
 def _run_bench(argv: Sequence[str]) -> int:
-  if not BENCH_KERNEL.is_file():
-    raise SystemExit(f"vnm-jax bench: {BENCH_KERNEL} not found; `bench` runs from a source "
-                     f"checkout (pip install -e .).")
-  spec = importlib.util.spec_from_file_location("vnm_jax_bench_kernel", BENCH_KERNEL)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  module.main(list(argv))
-  return 0
+  from vnm_recipes import speed
+  return speed.bench_main(list(argv))
 
 
 DELEGATED: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
-    "vit": (_run_vit, "train the digits ViT or run its pruning pipeline (train/vit.py)"),
-    "llm": (_run_llm, "SmolLM2 pruning and three-stage LoRA (train/llm.py)"),
-    "bench": (_run_bench, "dense vs V:N:M matmul timings on this device (bench/kernel.py)"),
+    "vit": (_run_vit, "train the digits ViT or run its pruning pipeline (vnm_recipes.vit)"),
+    "llm": (_run_llm, "SmolLM2 pruning and three-stage LoRA (vnm_recipes.llm)"),
+    "bench": (_run_bench, "dense vs V:N:M matmul timings on this device (vnm_recipes.speed)"),
     "select": (_run_select, "choose V and M from speedups measured on this device"),
 }
 
@@ -118,37 +75,41 @@ DELEGATED: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
 # ----------------------------------------------------------------------------- demo
 
 def _run_demo(args: argparse.Namespace) -> int:
-  from train import vit
-  vit.run_and_report(args.preset, args.out_dir)
+  from vnm_recipes.vit import cli
+  cli.run_and_report(args.preset, args.out_dir)
   return 0
 
 
 # ----------------------------------------------------------------------------- prune
 
 def _load_vit_checkpoint(directory: pathlib.Path):
-  """(model, calibration batches, prunable regex) of a `train.vit --save` checkpoint."""
+  """(model, calibration batches, prunable regex) of a `vnm-jax vit --save` checkpoint."""
   import jax.numpy as jnp
   from flax import nnx
-  from train import vit
 
-  graphdef, params = vit.load_checkpoint(directory)
-  images = vit.load_digits_split().train_images
+  from vnm_recipes.data.digits import load_digits_split
+  from vnm_recipes.models.vit import PRUNABLE_PATTERN
+  from vnm_recipes.vit.checkpoint import load_checkpoint
+
+  graphdef, params = load_checkpoint(directory)
+  images = load_digits_split().train_images
   batches = [jnp.asarray(images[i:i + CALIBRATION_BATCH])
              for i in range(0, len(images), CALIBRATION_BATCH)]
-  return nnx.merge(graphdef, params), batches, VIT_PRUNABLE
+  return nnx.merge(graphdef, params), batches, PRUNABLE_PATTERN
 
 
 def _load_gguf(path: pathlib.Path, windows: int):
   """(model, calibration batches, prunable regex) of a Llama-architecture GGUF file."""
   import jax.numpy as jnp
-  from train.llm import calibration_batches
-  from vnm_jax.gguf import load_llama
-  from vnm_jax.text_data import WINDOW, split_pydoc_topics
+
+  from vnm_recipes.data.text import WINDOW, calibration_batches, split_pydoc_topics
+  from vnm_recipes.gguf import load_llama
+  from vnm_recipes.models.llama import PRUNABLE_PATTERN
 
   model, tokenizer = load_llama(path)
   split = split_pydoc_topics(tokenizer)
   batches = calibration_batches(split.train, windows, WINDOW, batch_size=2)
-  return model, [jnp.asarray(b) for b in batches], LLAMA_PRUNABLE
+  return model, [jnp.asarray(b) for b in batches], PRUNABLE_PATTERN
 
 
 def _usage_error(message: str) -> int:
@@ -161,13 +122,11 @@ def _run_prune(args: argparse.Namespace) -> int:
   import jax
   from flax import nnx
   from tqdm.auto import tqdm
-  from vnm_jax.calibration import collect_input_norms
-  from vnm_jax.checkpoint import Checkpointer
-  from vnm_jax.format import compress
-  from vnm_jax.permutation_search import tree_permutations
-  from vnm_jax.scores import Importance
-  from vnm_jax.trees import (kernel_scores, path_str, sparsity_summary, tree_apply_masks,
-                             tree_configs, tree_masks)
+
+  from vnm_jax import (Checkpointer, Importance, collect_input_norms, compress, kernel_scores,
+                       leaves_by_path, path_str, tree_apply_masks, tree_configs, tree_masks,
+                       tree_permutations)
+  from vnm_jax.trees import sparsity_summary
 
   source = args.source
   try:
@@ -199,7 +158,7 @@ def _run_prune(args: argparse.Namespace) -> int:
   print(sparsity_summary(params, masks, tree_configs(params, args.config, filter=pattern)))
 
   leaves, treedef = jax.tree_util.tree_flatten_with_path(pruned)
-  masks_by_path = {path_str(p): m for p, m in jax.tree_util.tree_flatten_with_path(masks)[0]}
+  masks_by_path = leaves_by_path(masks)
   compressed = []
   for key_path, leaf in tqdm(leaves, desc="compress"):
     path = path_str(key_path)

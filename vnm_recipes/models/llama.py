@@ -8,12 +8,14 @@ the architecture of Llama 2/3 and of SmolLM2.
 Every projection is a bias-free `nnx.Linear` with a 2D (in_features, out_features) kernel,
 so the library's V:N:M masks apply to each kernel as it is: M groups along the inputs
 (axis 0), V blocks along the outputs (axis 1). `prunable_kernel_paths` names the seven
-kernels per block that a pruning recipe prunes; the embedding and head stay dense.
+kernels per block that a pruning recipe prunes (`PRUNABLE_PATTERN` is the same set as a
+path regex for `vnm_jax`'s tree functions); the embedding and head stay dense.
+`llama_gemm_shapes` lists their (in, out) shapes for V/M selection.
 
 Rotary embeddings use the "rotate half" pairing of Hugging Face's Llama: within each head
 of width D, feature i is rotated together with feature i + D/2 by the angle
 position * rope_base ** (-2i / D). (llama.cpp pairs adjacent features instead and
-stores its query/key rows permuted to match; `vnm_jax.gguf` undoes that permutation.)
+stores its query/key rows permuted to match; `vnm_recipes.gguf` undoes that permutation.)
 
 Shapes: tokens are int (batch, length); logits are (batch, length, vocab_size).
 """
@@ -31,6 +33,8 @@ from flax import nnx
 # Paths end in .../<module>/<name>/kernel; these names hold the block GEMMs.
 ATTENTION_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_LINEAR_NAMES = ("gate_proj", "up_proj", "down_proj")
+# The kernels of `prunable_kernel_paths`, as a path regex (`vnm_jax.tree_masks(filter=...)`).
+PRUNABLE_PATTERN = r"^layers/\d+/(attention|mlp)/\w+_proj/kernel$"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -327,6 +331,22 @@ def prunable_kernel_paths(config: LlamaConfig) -> tuple[tuple[str | int, ...], .
     paths.extend(("layers", i, "attention", name, "kernel") for name in ATTENTION_LINEAR_NAMES)
     paths.extend(("layers", i, "mlp", name, "kernel") for name in MLP_LINEAR_NAMES)
   return tuple(paths)
+
+
+def llama_gemm_shapes(config: LlamaConfig) -> dict[tuple[int, int], int]:
+  """{(in, out): count} of the prunable kernels of a `Llama` (for `vnm_jax.select_vm`).
+
+  Per block: q (hidden, heads*head_dim), k and v (hidden, kv_heads*head_dim), o
+  (heads*head_dim, hidden), gate and up (hidden, ffn), down (ffn, hidden); the same
+  as `vnm_jax.model_gemm_shapes` of the model, without building it.
+  """
+  hidden, ffn = config.hidden_size, config.intermediate_size
+  q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+  shapes: dict[tuple[int, int], int] = {}
+  for shape in [(hidden, q), (hidden, kv), (hidden, kv), (q, hidden), (hidden, ffn),
+                (hidden, ffn), (ffn, hidden)]:
+    shapes[shape] = shapes.get(shape, 0) + config.num_layers
+  return shapes
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_id"))

@@ -1,13 +1,9 @@
-"""Real English text without downloads, and perplexity of a causal language model on it.
+"""Perplexity of a causal language model on a token stream.
 
-The text is Python's own documentation: `pydoc_data.topics.topics` (about 80 help topics,
-465k characters, shipped with CPython). Topics are concatenated in sorted key order,
-separated by blank lines, tokenized in one piece; the last `EVAL_TOKENS` tokens are the
-held-out evaluation split and everything before them is the training / calibration split.
-
-Perplexity is measured on non-overlapping windows of `WINDOW` tokens: each window is one
-sequence from position 0, and every token after the first of a window is predicted
-(window - 1 predictions per window). Perplexity = exp(mean negative log-likelihood).
+Perplexity is measured on non-overlapping windows of `WINDOW` tokens
+(`vnm_recipes.data.text.windows`): each window is one sequence from position 0, and
+every token after the first of a window is predicted (window - 1 predictions per
+window). Perplexity = exp(mean negative log-likelihood).
 """
 
 from __future__ import annotations
@@ -22,58 +18,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-EVAL_TOKENS = 20480
-WINDOW = 512
-
-
-def pydoc_topics_text() -> str:
-  """All of `pydoc_data.topics.topics`, in sorted key order, joined by blank lines."""
-  from pydoc_data.topics import topics
-
-  return "\n\n".join(topics[key] for key in sorted(topics))
-
-
-class TokenSplit(NamedTuple):
-  """A token stream cut into a training and a held-out evaluation part.
-
-  Attributes:
-    train: int32 (n_train,), the tokens before the evaluation part.
-    eval: int32 (eval_tokens,), the last tokens of the stream.
-  """
-
-  train: np.ndarray
-  eval: np.ndarray
-
-
-def split_pydoc_topics(tokenizer, eval_tokens: int = EVAL_TOKENS) -> TokenSplit:
-  """Tokenizes `pydoc_topics_text()` and holds out its last `eval_tokens` tokens.
-
-  Args:
-    tokenizer: anything with `encode(text).ids` (a `tokenizers.Tokenizer`).
-    eval_tokens: size of the evaluation split; must leave at least one training token.
-  """
-  ids = np.asarray(tokenizer.encode(pydoc_topics_text()).ids, np.int32)
-  if isinstance(eval_tokens, bool) or not isinstance(eval_tokens, int) or \
-      not 0 < eval_tokens < ids.size:
-    raise ValueError(f"eval_tokens must be an int in [1, {ids.size - 1}] (the text has "
-                     f"{ids.size} tokens), got {eval_tokens!r}")
-  return TokenSplit(train=ids[:-eval_tokens], eval=ids[-eval_tokens:])
-
-
-def windows(tokens: np.ndarray, length: int) -> np.ndarray:
-  """Cuts a 1D token stream into non-overlapping windows, dropping the incomplete tail.
-
-  Returns:
-    (len(tokens) // length, length), same dtype.
-  """
-  tokens = np.asarray(tokens)
-  if tokens.ndim != 1:
-    raise ValueError(f"tokens must be 1D, got shape {tokens.shape}")
-  if isinstance(length, bool) or not isinstance(length, int) or not 2 <= length <= tokens.size:
-    raise ValueError(f"length must be an int in [2, {tokens.size}] (the number of tokens), "
-                     f"got {length!r}")
-  count = tokens.size // length
-  return tokens[:count * length].reshape(count, length)
+from vnm_recipes.data.text import WINDOW, windows
 
 
 def token_nll(logits: jax.Array, tokens: jax.Array) -> jax.Array:

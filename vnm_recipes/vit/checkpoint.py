@@ -1,0 +1,36 @@
+"""Saving a trained ViT with `vnm_jax.Checkpointer`, and loading it back (for `vnm-jax prune`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from flax import nnx
+
+from vnm_jax import Checkpointer
+from vnm_recipes.models.vit import ViT, ViTConfig
+
+
+def save_checkpoint(directory: str | os.PathLike, model_config: ViTConfig, params: Any) -> None:
+  """Saves a ViT's params with `vnm_jax.Checkpointer` (step 0) and its config.
+
+  `load_checkpoint` (and `vnm-jax prune DIR`) rebuild the model from the metadata.
+  """
+  with Checkpointer(directory) as checkpointer:
+    checkpointer.save(0, {"params": params},
+                      metadata={"model": "vit", "vit_config": dataclasses.asdict(model_config)})
+
+
+def load_checkpoint(directory: str | os.PathLike) -> tuple[nnx.GraphDef, Any]:
+  """(graphdef, params) of a ViT saved by `save_checkpoint` (latest step)."""
+  with Checkpointer(directory) as checkpointer:
+    if checkpointer.latest_step() is None:
+      raise FileNotFoundError(f"{directory} holds no checkpoint")
+    metadata = checkpointer.metadata()
+    if metadata.get("model") != "vit":
+      raise ValueError(f"{directory} is not a ViT checkpoint (metadata model="
+                       f"{metadata.get('model')!r}); write one with `vnm-jax vit --save DIR`")
+    model_config = ViTConfig(**metadata["vit_config"])
+    graphdef, target = nnx.split(nnx.eval_shape(lambda: ViT(model_config, rngs=nnx.Rngs(0))))
+    return graphdef, checkpointer.restore({"params": target})["params"]
