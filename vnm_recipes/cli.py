@@ -24,7 +24,7 @@ import re
 import sys
 from typing import Callable, Sequence
 
-from vnm_recipes.arguments import config_argument, positive_float_argument, positive_int_argument
+from vnm_recipes.checks import config_argument, positive_float_argument, positive_int_argument
 
 CALIBRATION_BATCH = 256  # digits images per calibration batch
 SCORES = ("magnitude", "wanda", "ria")  # vnm_jax.Importance values

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 import vnm_jax
 from vnm_jax import VNMConfig
 from vnm_jax.selection import format_candidates, rank_candidates
-from vnm_recipes.arguments import config_argument, positive_int_argument
+from vnm_recipes.checks import config_argument, positive_int_argument
 from vnm_recipes.models.llama import LlamaConfig, llama_gemm_shapes
 from vnm_recipes.models.vit import ViT, ViTConfig
 

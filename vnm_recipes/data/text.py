@@ -15,6 +15,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from vnm_recipes.checks import check_positive_int
+
 EVAL_TOKENS = 20480
 WINDOW = 512
 
@@ -76,8 +78,7 @@ def calibration_batches(train_tokens: np.ndarray, count: int, length: int,
   Returns:
     A list of int32 (batch_size, length) arrays (the last may be smaller).
   """
-  if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-    raise ValueError(f"count (calibration windows) must be a positive int, got {count!r}")
+  check_positive_int("count (calibration windows)", count)
   cut = windows(train_tokens, length)
   if count > len(cut):
     raise ValueError(f"count={count} calibration windows of {length} tokens do not fit the "

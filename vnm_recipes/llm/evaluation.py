@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from vnm_recipes.checks import check_positive_int
 from vnm_recipes.data.text import WINDOW, windows
 
 
@@ -71,8 +72,7 @@ def evaluate_perplexity(model: nnx.Module, tokens: np.ndarray, *, window: int = 
     batch_size: windows per call (memory: batch_size * window * vocab float32 logits).
     progress: show a progress bar.
   """
-  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-    raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+  check_positive_int("batch_size", batch_size)
   cut = windows(tokens, window)
   graphdef, state = nnx.split(model)
   total = 0.0

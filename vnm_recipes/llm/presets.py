@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from vnm_recipes.checks import check_positive_ints
+
 DEFAULT_RESULTS = Path("runs/llm/results.jsonl")
 PERMUTE_CHOICES = {"no": (False,), "yes": (True,), "both": (False, True)}
 
@@ -43,10 +45,7 @@ class LoRASettings:
   seed: int = 0
 
   def __post_init__(self):
-    for name in ("steps", "batch_size", "rank", "update_every"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"LoRASettings.{name} must be a positive int, got {value!r}")
+    check_positive_ints(self, ("steps", "batch_size", "rank", "update_every"))
     if isinstance(self.sequence_length, bool) or not isinstance(self.sequence_length, int) \
         or self.sequence_length < 2:
       raise ValueError(f"LoRASettings.sequence_length must be an int >= 2, got "

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vnm_recipes.checks import check_positive_int, check_positive_ints
+
 # Paths end in .../<module>/<name>/kernel; these names hold the block GEMMs.
 ATTENTION_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_LINEAR_NAMES = ("gate_proj", "up_proj", "down_proj")
@@ -68,11 +70,8 @@ class LlamaConfig:
   tie_embeddings: bool = True
 
   def __post_init__(self):
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                 "num_kv_heads", "head_dim"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"LlamaConfig.{name} must be a positive int, got {value!r}")
+    check_positive_ints(self, ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                               "num_heads", "num_kv_heads", "head_dim"))
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"LlamaConfig.num_kv_heads ({self.num_kv_heads}) must divide "
                        f"num_heads ({self.num_heads})")
@@ -388,8 +387,6 @@ def generate_greedy(model: nnx.Module, prompt: jax.Array, max_new_tokens: int, *
   if prompt.ndim != 2 or prompt.shape[1] < 1 or not jnp.issubdtype(prompt.dtype, jnp.integer):
     raise ValueError(f"prompt must be an int array of shape (batch, length >= 1), got dtype "
                      f"{prompt.dtype} and shape {tuple(prompt.shape)}")
-  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
-      max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+  check_positive_int("max_new_tokens", max_new_tokens)
   graphdef, state = nnx.split(model)
   return _generate(graphdef, state, prompt.astype(jnp.int32), max_new_tokens, eos_id)

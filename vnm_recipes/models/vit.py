@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vnm_recipes.checks import check_positive_int, check_positive_ints
+
 # The kernels of `prunable_kernel_paths`, as a path regex (`vnm_jax.tree_masks(filter=...)`).
 PRUNABLE_PATTERN = r"^blocks/\d+/(attention/(qkv|out)|mlp/fc[12])/kernel$"
 
@@ -54,11 +56,8 @@ class ViTConfig:
   dropout: float = 0.0
 
   def __post_init__(self):
-    for name in ("image_size", "patch_size", "channels", "num_classes", "dim", "depth",
-                 "num_heads", "mlp_dim"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"ViTConfig.{name} must be a positive int, got {value!r}")
+    check_positive_ints(self, ("image_size", "patch_size", "channels", "num_classes", "dim",
+                               "depth", "num_heads", "mlp_dim"))
     if self.image_size % self.patch_size:
       raise ValueError(f"ViTConfig.patch_size ({self.patch_size}) must divide image_size "
                        f"({self.image_size})")
@@ -246,8 +245,7 @@ def gemm_shapes(config: ViTConfig, batch_size: int) -> dict[str, tuple[int, int,
 
   rows = batch_size * (num_patches + 1) tokens; every block has the same four GEMMs.
   """
-  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-    raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+  check_positive_int("batch_size", batch_size)
   tokens = batch_size * (config.num_patches + 1)
   return {
       "qkv": (tokens, config.dim, 3 * config.dim),

@@ -15,6 +15,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 import vnm_jax
+from vnm_recipes.checks import check_positive_ints
 from vnm_recipes.data.digits import NUM_CLASSES, DigitsSplit, iterate_batches
 from vnm_recipes.models.vit import ViT, ViTConfig
 
@@ -45,10 +46,7 @@ class TrainConfig:
   seed: int = 0
 
   def __post_init__(self):
-    for name in ("epochs", "batch_size"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"TrainConfig.{name} must be a positive int, got {value!r}")
+    check_positive_ints(self, ("epochs", "batch_size"))
     if isinstance(self.max_shift, bool) or not isinstance(self.max_shift, int) \
         or self.max_shift < 0:
       raise ValueError(f"TrainConfig.max_shift must be an int >= 0, got {self.max_shift!r}")
