@@ -11,8 +11,13 @@ dtype and SHA-256 of its bytes. ``restore`` compares the target with the manifes
 before reading and the bytes it read with the checksums after, so a checkpoint
 of another model, a damaged file or a truncated save raises
 :class:`CheckpointError` instead of giving a silently wrong model (orbax alone
-restores a flipped byte in a data file without complaint). Checksums need every
-leaf on this host: they are computed in single-process runs only.
+restores a flipped byte in a data file without complaint). Every file of a step is
+listed with its size and SHA-256 too, and checked before orbax reads anything: a
+truncated, changed or missing file is reported in one line naming the step, the file
+and the leaves that cannot be read intact from it. A restored
+:class:`~vnm_jax.format.VNMWeight` is checked by its own ``validate()``. Checksums and
+the file list need every leaf on this host: they are written in single-process runs only.
+Reading (``restore``, ``metadata``, ``latest_step``) never creates the directory.
 
 Usage::
 
@@ -39,6 +44,8 @@ from typing import Any
 
 import jax
 import numpy as np
+
+from vnm_jax._checkpoint_files import damaged_files, read_file_list, write_file_list
 
 PyTree = Any
 
@@ -100,6 +107,30 @@ def _abstract(leaf):
   return leaf  # numpy arrays and Python scalars restore as such
 
 
+def _short(error: BaseException) -> str:
+  """The innermost cause of an orbax error, first line (orbax wraps it in a long spec)."""
+  while error.__cause__ is not None or error.__context__ is not None:
+    error = error.__cause__ or error.__context__
+  lines = str(error).strip().splitlines() or [""]
+  return f"{type(error).__name__}: {lines[0][:300]}"
+
+
+def _validate_weights(tree: PyTree, where: str) -> None:
+  """Runs the compressed weights' own check on every restored VNMWeight (when it has one)."""
+  from vnm_jax.format import VNMWeight
+
+  flat, _ = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: isinstance(x, VNMWeight))
+  for path, weight in flat:
+    validate = getattr(weight, "validate", None) if isinstance(weight, VNMWeight) else None
+    if validate is not None:
+      try:
+        validate()
+      except ValueError as error:
+        raise CheckpointError(f"{where} holds a damaged VNMWeight at "
+                              f"{jax.tree_util.keystr(path)}: {error}") from None
+
+
 def saved_steps(directory: str | os.PathLike) -> list[int]:
   """The step numbers saved in ``directory`` (oldest first), read without orbax.
 
@@ -117,7 +148,8 @@ class Checkpointer:
   """Numbered checkpoints of one training run in ``directory`` (see the module docstring).
 
   Args:
-    directory: where the steps are written (created if missing).
+    directory: where the steps are written (created by the first :meth:`save`; reading
+      never creates it).
     max_to_keep: keep only the newest this many steps; None keeps all.
   """
 
@@ -129,7 +161,7 @@ class Checkpointer:
     ocp = self._ocp = _orbax()
     self._manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=False,
                                              enable_async_checkpointing=False))
 
   def save(self, step: int, tree: PyTree, *, metadata: dict | None = None) -> None:
@@ -153,9 +185,12 @@ class Checkpointer:
     manifest = {"format": MANIFEST_FORMAT, "treedef": treedef, "leaves": leaves,
                 "metadata": metadata or {}}
     args = self._ocp.args
+    os.makedirs(self.directory, exist_ok=True)
     self._manager.save(step, args=args.Composite(state=args.StandardSave(tree),
                                                  manifest=args.JsonSave(manifest)))
     self._manager.wait_until_finished()
+    if checksums:
+      write_file_list(self._step_dir(step))
 
   def all_steps(self) -> list[int]:
     """The saved step numbers, oldest first."""
@@ -165,7 +200,12 @@ class Checkpointer:
     """The newest saved step, or None when there is none."""
     return self._manager.latest_step()
 
+  def _step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
   def _step(self, step: int | None) -> int:
+    if not os.path.isdir(self.directory):
+      raise CheckpointError(f"checkpoint folder {self.directory} does not exist.")
     steps = self.all_steps()
     if step is None:
       if not steps:
@@ -176,15 +216,34 @@ class Checkpointer:
                             f"{steps}.")
     return step
 
-  def _manifest(self, step: int) -> dict:
+  def _damaged(self, step: int, problem: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint step {step} in {self.directory} is damaged: {problem}.")
+
+  def _damaged_files(self, step: int, under: str = "") -> dict[str, str] | None:
+    """{file: what is wrong} against the step's file list (under a folder); None: no list."""
+    try:
+      listing = read_file_list(self._step_dir(step))
+    except ValueError as error:
+      raise self._damaged(step, str(error)) from None
+    if listing is None:
+      return None
+    return damaged_files(self._step_dir(step), {path: entry for path, entry in listing.items()
+                                                if path.startswith(under)})
+
+  def _manifest(self, step: int, damaged: dict[str, str] | None = None) -> dict:
+    if damaged is None:
+      damaged = self._damaged_files(step, under="manifest" + os.sep) or {}
+    in_manifest = [f"file {path} {problem}" for path, problem in damaged.items()
+                   if path.startswith("manifest" + os.sep)]
+    if in_manifest:
+      raise self._damaged(step, "; ".join(in_manifest[:3]) + " (the manifest: the tree's "
+                                "structure and checksums)")
     args = self._ocp.args
     try:
       manifest = self._manager.restore(
           step, args=args.Composite(manifest=args.JsonRestore()))["manifest"]
     except Exception as error:  # orbax raises many types for unreadable files
-      raise CheckpointError(f"checkpoint step {step} in {self.directory} is damaged: its "
-                            f"manifest cannot be read ({type(error).__name__}: {error}).") \
-          from error
+      raise self._damaged(step, f"its manifest cannot be read ({_short(error)})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
       raise CheckpointError(f"checkpoint step {step} in {self.directory} has no "
                             f"{MANIFEST_FORMAT} manifest; it was not written by "
@@ -211,21 +270,67 @@ class Checkpointer:
         (every mismatching leaf is named), or the files are damaged.
     """
     step = self._step(step)
-    manifest = self._manifest(step)
+    # Files are checked against their list before orbax reads them (see _checkpoint_files).
+    damaged = self._damaged_files(step)
+    manifest = self._manifest(step, damaged or {})
     self._check_target(step, manifest, target)
+    if damaged:
+      raise self._damage_report(step, manifest, target, damaged)
     abstract = jax.tree_util.tree_map(_abstract, target)
     args = self._ocp.args
     try:
       restored = self._manager.restore(
           step, args=args.Composite(state=args.StandardRestore(abstract)))["state"]
     except Exception as error:  # orbax raises many types for unreadable files
-      raise CheckpointError(f"checkpoint step {step} in {self.directory} is damaged: its "
-                            f"arrays cannot be read ({type(error).__name__}: {error}).") from error
+      # Only a step without a file list (older, or multi-process) gets here damaged; orbax
+      # may then print "Event loop is closed" for the reads it left pending.
+      raise self._damaged(step, f"its arrays cannot be read ({_short(error)})") from None
     if jax.tree_util.tree_structure(restored) != jax.tree_util.tree_structure(target):
       raise CheckpointError(f"checkpoint step {step} in {self.directory} restored a tree of "
                             f"another structure than the target's.")
     self._check_checksums(step, manifest, restored)
+    _validate_weights(restored, f"checkpoint step {step} in {self.directory}")
     return restored
+
+  def _damage_report(self, step: int, manifest: dict, target: PyTree,
+                     damaged: dict[str, str]) -> CheckpointError:
+    """The damaged files and the leaves that cannot be read intact from them.
+
+    The leaves are found by reading them one at a time (the others orbax placeholders), on
+    one device, so that a failing read leaves no other read pending.
+    """
+    parts = [f"file {path} {problem}" for path, problem in list(damaged.items())[:3]]
+    bad = self._unreadable_leaves(step, manifest, target)
+    parts.append(f"leaves that cannot be read intact: {', '.join(bad)}" if bad else
+                 "each leaf alone still reads back intact")
+    return self._damaged(step, "; ".join(parts))
+
+  def _unreadable_leaves(self, step: int, manifest: dict, target: PyTree) -> list[str]:
+    ocp = self._ocp
+    leaves, treedef = jax.tree_util.tree_flatten(target)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = [jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device)
+                if isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)) else leaf
+                for leaf in leaves]
+    restore_args = ocp.checkpoint_utils.construct_restore_args(treedef.unflatten(abstract))
+    bad = []
+    for index, entry in enumerate(manifest["leaves"]):
+      probe = [ocp.PLACEHOLDER] * len(abstract)
+      probe[index] = abstract[index]
+      try:
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(treedef.unflatten(probe),
+                                         restore_args=restore_args)))["state"]
+        leaf = jax.tree_util.tree_leaves(restored)[index]
+        intact = entry["sha256"] is None or entry["sha256"] == _sha256(leaf)
+      except Exception:  # noqa: BLE001  any failure to read it counts
+        intact = False
+      if not intact:
+        bad.append(entry["path"])
+        if len(bad) == _MAX_LISTED:
+          bad.append("...")
+          break
+    return bad
 
   def _check_target(self, step: int, manifest: dict, target: PyTree) -> None:
     treedef, leaves = _describe(target)
