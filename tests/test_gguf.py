@@ -10,6 +10,7 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from test_llama import TINY, reference_logits
+from vnm_reference import assert_close
 from vnm_recipes import gguf as vnm_gguf
 from vnm_recipes.llm import cli as llm_cli
 from vnm_recipes.models.llama import LlamaConfig
@@ -104,8 +105,7 @@ def test_loaded_model_matches_llamacpp_reference(tmp_path, tie):
   assert model.config == config
   tokens = np.random.default_rng(1).integers(0, config.vocab_size, (1, 9))
   expected = reference_logits(tensors, config, tokens[0], "adjacent")
-  np.testing.assert_allclose(np.asarray(forward(model, jnp.asarray(tokens)))[0], expected,
-                             rtol=2e-4, atol=2e-4)
+  assert_close(np.asarray(forward(model, jnp.asarray(tokens)))[0], expected, rtol=2e-4)
 
 
 def test_export_round_trip_and_safetensors(tmp_path):

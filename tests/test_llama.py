@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from vnm_jax import model_gemm_shapes, path_str
+from vnm_reference import assert_close
 from vnm_recipes.models.llama import (PRUNABLE_PATTERN, KVCache, Llama, LlamaConfig, apply_rope,
                                       generate_greedy, llama_gemm_shapes, prunable_kernel_paths)
 
@@ -125,7 +126,7 @@ def test_forward_matches_numpy_reference(tie):
   weights = half_pairing_weights(model)
   for row in range(2):
     expected = reference_logits(weights, config, np.asarray(tokens[row]), "half")
-    np.testing.assert_allclose(np.asarray(logits[row]), expected, rtol=2e-4, atol=2e-4)
+    assert_close(logits[row], expected, rtol=2e-4)
 
 
 def test_reference_detects_wrong_pairing():
@@ -155,8 +156,7 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
       repeated = np.repeat(heads, groups, axis=1).reshape(TINY.hidden_size, -1)
       getattr(mha_layer.attention, name).kernel.set_value(jnp.asarray(repeated))
   tokens = tokens_of((2, 12))
-  np.testing.assert_allclose(np.asarray(forward(model, tokens)),
-                             np.asarray(forward(mha, tokens)), rtol=1e-5, atol=1e-5)
+  assert_close(forward(model, tokens), forward(mha, tokens), rtol=1e-5)
 
 
 def test_rope_matches_complex_rotation_and_is_relative():
@@ -186,7 +186,7 @@ def test_causal_future_tokens_do_not_change_past_logits():
   tokens = tokens_of((2, 12))
   changed = tokens.at[:, 8:].set((tokens[:, 8:] + 5) % TINY.vocab_size)
   a, b = np.asarray(forward(model, tokens)), np.asarray(forward(model, changed))
-  np.testing.assert_allclose(a[:, :8], b[:, :8], rtol=1e-6, atol=1e-6)
+  assert_close(a[:, :8], b[:, :8], rtol=1e-6)
   assert np.abs(a[:, 8:] - b[:, 8:]).max() > 1e-3
 
 
@@ -201,8 +201,7 @@ def test_cached_decode_equals_full_forward():
     logits, cache = decode(model, tokens[:, t:t + 1], cache)
     pieces.append(logits)
   assert int(cache.length) == 10
-  np.testing.assert_allclose(np.concatenate(pieces, axis=1), np.asarray(forward(model, tokens)),
-                             rtol=1e-5, atol=1e-5)
+  assert_close(np.concatenate(pieces, axis=1), forward(model, tokens), rtol=1e-5)
 
 
 def test_generate_greedy_equals_argmax_of_full_forward():

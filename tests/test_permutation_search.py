@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 import vnm_reference as ref
+from vnm_reference import assert_close
 from vnm_jax import permutation_search as ps
 from vnm_jax.config import VNMConfig
 from vnm_jax.format import compress, decompress
@@ -200,8 +201,7 @@ def test_compress_and_matmul_with_permutation_equal_dense_math(k, n, v, m):
   np.testing.assert_array_equal(np.asarray(decompress(w)), np.asarray(kernel * mask))
   x = np.random.default_rng(0).standard_normal((5, k)).astype(np.float32)
   expected = np.dot(x.astype(np.float64), np.asarray(kernel * mask, np.float64))
-  np.testing.assert_allclose(np.asarray(vnm_matmul(jnp.asarray(x), w, implementation="xla")),
-                             expected, rtol=1e-4, atol=1e-4)
+  assert_close(vnm_matmul(jnp.asarray(x), w, implementation="xla"), expected, rtol=1e-4)
 
 
 def _swiglu(x, gate, up, down):
@@ -236,7 +236,7 @@ def test_fold_keeps_a_swiglu_mlp_function():
   before = _swiglu(x, gate, up * up_mask, down * down_mask)
   hidden = jax.nn.silu(x @ folded_gate) * vnm_matmul(jnp.asarray(x), w_up, implementation="xla")
   after = hidden @ (folded.consumer * folded_down_mask)
-  np.testing.assert_allclose(np.asarray(after), np.asarray(before), rtol=2e-4, atol=2e-4)
+  assert_close(after, before, rtol=2e-4)
 
 
 def test_fold_keeps_an_mlp_with_bias():
@@ -274,7 +274,7 @@ def test_fold_v_into_o_with_grouped_query_attention():
   x = rng.standard_normal((tokens, d)).astype(np.float32)
   before = _attention_out(x, v_kernel, o_kernel, weights, kv_heads, groups, head_dim)
   after = _attention_out(x, folded.producer, folded.consumer, weights, kv_heads, groups, head_dim)
-  np.testing.assert_allclose(np.asarray(after), np.asarray(before), rtol=1e-5, atol=1e-5)
+  assert_close(after, before, rtol=1e-5)
   across = Permutation(None, np.roll(np.arange(kv_heads * head_dim), 1))
   with pytest.raises(ValueError, match="moves features across attention heads"):
     fold_output_permutation(v_kernel, o_kernel, across, head_dim=head_dim, query_groups=groups)

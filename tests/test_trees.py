@@ -15,6 +15,10 @@ from vnm_jax.scores import Importance, ria_score, wanda_score
 from vnm_jax.trees import (default_filter, path_str, sparsity_summary, tree_apply_masks,
                            tree_configs, tree_masks)
 
+# The test models' DenseGeneral query kernel (16, 2, 8) stays dense under the default
+# filter, which warns about it: asserted in test_default_filter_warns_about_nd_kernels.
+pytestmark = pytest.mark.filterwarnings("ignore:'[^']*query/kernel' has shape:UserWarning")
+
 CONFIG = VNMConfig.parse("4:2:8")
 MLP_KERNELS = ["layers_0/mlp/fc1/kernel", "layers_0/mlp/fc2/kernel",
                "layers_1/mlp/fc1/kernel", "layers_1/mlp/fc2/kernel"]
@@ -142,7 +146,8 @@ def test_default_filter_selects_mlp_kernels(layout):
 def test_default_filter_rule():
   leaf2d, leaf3d = jnp.zeros((4, 4)), jnp.zeros((4, 2, 2))
   assert default_filter("block/fc/kernel", leaf2d)
-  assert not default_filter("block/fc/kernel", leaf3d)
+  with pytest.warns(UserWarning, match="'block/fc/kernel' has shape"):
+    assert not default_filter("block/fc/kernel", leaf3d)
   assert not default_filter("block/fc/bias", leaf2d)
   for dense in ["embed/kernel", "tok_embedding/kernel", "ln_norm/kernel", "lm_head/kernel",
                 "head/kernel", "cls_head_0/kernel", "classifier/kernel", "Head/kernel"]:
@@ -258,6 +263,22 @@ def test_given_scores_and_permutations_by_path():
       masks[path], vnm_mask(values[path], CONFIG, scores=scores[path], permutation=permutation))
   other = "params/layers_1/mlp/fc1/kernel"
   np.testing.assert_array_equal(masks[other], vnm_mask(values[other], CONFIG))
+
+
+def test_default_filter_warns_about_nd_kernels(layout):
+  # The one rule for nD kernels: the default filter keeps them dense and names each one
+  # with the fix; a filter that selects one without in_axes is an error (no guessing).
+  params, kernels, _ = layout
+  with pytest.warns(UserWarning) as caught:
+    configs = configured(tree_configs(params, CONFIG))
+  messages = {str(w.message) for w in caught}
+  query = [p for p in vnm_jax.leaves_by_path(params) if p.endswith("query/kernel")]
+  assert len(query) == 2 and set(configs) == set(kernels)
+  for path in query:
+    shown = next(m for m in messages if f"/{path}'" in m or f"'{path}'" in m)
+    assert "(16, 2, 8) and stays dense" in shown and "in_axes={" in shown and "filter=" in shown
+  with pytest.raises(ValueError, match="needs its contraction axes in in_axes"):
+    tree_masks(params, CONFIG, filter="query/kernel")
 
 
 def test_nd_kernel_with_in_axes(layout):
@@ -379,8 +400,12 @@ def test_tree_masks_errors():
   with pytest.raises(ValueError, match=r"score='wanda' needs input_norms for "
                      r"'params/layers_0/mlp/fc1/kernel' \(shape \(16,\)\); no input_norms"):
     tree_masks(params, CONFIG, score="wanda")
-  with pytest.raises(ValueError, match="input_norms has entries for 'x/kernel'"):
+  with pytest.raises(ValueError, match="input_norms has entries for paths that are not in "
+                                       "params: 'x/kernel'"):
     tree_masks(params, CONFIG, score="ria", input_norms={"x/kernel": np.ones(16)})
+  some = {"layers_0/mlp/fc2/kernel": np.ones(32)}  # norms for another kernel only
+  with pytest.raises(ValueError, match="input_norms has entries for 'layers_0/mlp/fc2/kernel'"):
+    tree_masks(params, CONFIG, score="ria", input_norms=some)
   with pytest.raises(ValueError, match=r"while masking 'params/layers_0/mlp/fc1/kernel': "
                      r"input_norms must have shape \(in_features,\) = \(16,\)"):
     tree_masks(params, CONFIG, score="wanda",

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 import vnm_reference as ref
+from vnm_reference import assert_close
 from vnm_jax import Permutation, tree_permute, tree_unpermute
 from vnm_recipes.data import digits
 from vnm_recipes.models import vit
@@ -163,7 +164,7 @@ def test_forward_matches_numpy_reference():
   images = rng.uniform(size=(3, 8, 8, 1)).astype(np.float32)
   logits = np.asarray(_jitted_forward(model)(images, None))
   assert logits.shape == (3, 10)
-  np.testing.assert_allclose(logits, _reference_forward(model, images), rtol=2e-4, atol=2e-4)
+  assert_close(logits, _reference_forward(model, images), rtol=2e-4)
 
 
 @pytest.mark.parametrize("rate", [0.0, 0.5])

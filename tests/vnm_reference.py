@@ -60,3 +60,17 @@ def structure_ok(mask, v, m):
 
 def kept_score(scores, mask):
   return float(np.sum(np.asarray(scores, np.float64) * np.asarray(mask)))
+
+
+def assert_close(actual, expected, rtol=1e-5, err_msg=""):
+  """``actual`` equals ``expected`` up to ``rtol`` of the values' magnitude.
+
+  Each entry may differ by ``rtol * (|expected entry| + max |expected|)``: a result
+  summed in another order (another CPU's SIMD width, XLA against numpy, a cached decode
+  against a full forward) differs by rounding relative to the magnitude of what was
+  summed, not to the entry itself, which may be near 0 after cancellation.
+  """
+  expected = np.asarray(expected, np.float64)
+  scale = float(np.abs(expected).max()) if expected.size else 0.0
+  np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=rtol,
+                             atol=rtol * scale, err_msg=err_msg)

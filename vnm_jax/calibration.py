@@ -74,7 +74,16 @@ def _kernel_paths(tree) -> dict[str, Any]:
 
 
 def _select(kernels: dict[str, Any], filter: PathFilter | None) -> set[str] | None:
-  """The kernel paths ``filter`` selects; None (no filter) means every recordable layer."""
+  """The kernel paths ``filter`` selects; None (no filter) means every recordable layer.
+
+  Raises:
+    ValueError: a kernel (a selected one, or any without a filter) with a zero-size dim.
+  """
+  for path, leaf in kernels.items():
+    if filter is None or path_predicate(filter)(path, leaf):
+      if 0 in tuple(getattr(leaf, "shape", ())):
+        raise ValueError(f"kernel {path!r} has a zero-size dimension: shape "
+                         f"{tuple(leaf.shape)}; it has no inputs to record.")
   if filter is None:
     return None
   predicate = path_predicate(filter)

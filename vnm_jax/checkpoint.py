@@ -39,6 +39,7 @@ orbax is imported when a :class:`Checkpointer` is made, not with the package, so
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from typing import Any
 
@@ -157,7 +158,11 @@ class Checkpointer:
     if max_to_keep is not None and (isinstance(max_to_keep, bool) or
                                     not isinstance(max_to_keep, int) or max_to_keep < 1):
       raise ValueError(f"max_to_keep must be None or an int >= 1, got {max_to_keep!r}.")
+    if not isinstance(directory, (str, os.PathLike)):
+      raise TypeError(f"directory must be a path (str or os.PathLike), got {directory!r}.")
     self.directory = os.path.abspath(os.fspath(directory))
+    if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+      raise ValueError(f"directory {self.directory} is a file, not a checkpoint folder.")
     ocp = self._ocp = _orbax()
     self._manager = ocp.CheckpointManager(
         self.directory,
@@ -175,6 +180,14 @@ class Checkpointer:
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
       raise ValueError(f"step must be an int >= 0, got {step!r}.")
     step = int(step)
+    if not jax.tree_util.tree_leaves(tree):
+      raise ValueError(f"tree has no arrays to save: {tree!r}.")
+    if metadata is not None and not isinstance(metadata, dict):
+      raise TypeError(f"metadata must be a dict or None, got {type(metadata).__name__}.")
+    try:
+      json.dumps(metadata or {})
+    except (TypeError, ValueError) as error:
+      raise TypeError(f"metadata must be a JSON-serialisable dict: {error}.") from None
     if step in self._manager.all_steps():
       raise CheckpointError(f"step {step} already exists in {self.directory}; steps are "
                             f"written once.")
@@ -206,6 +219,9 @@ class Checkpointer:
   def _step(self, step: int | None) -> int:
     if not os.path.isdir(self.directory):
       raise CheckpointError(f"checkpoint folder {self.directory} does not exist.")
+    if step is not None and (isinstance(step, bool) or
+                             not isinstance(step, (int, np.integer)) or step < 0):
+      raise ValueError(f"step must be None (the latest) or an int >= 0, got {step!r}.")
     steps = self.all_steps()
     if step is None:
       if not steps:

@@ -5,8 +5,9 @@ axis 0 (the reduction axis of ``x @ kernel``), V blocks along axis 1. A block of
 outputs x M inputs keeps 4 whole input columns, then 2 of those 4 entries per row.
 
 Besides the masks, this module is the one home of what every mask computation checks
-and shares: :func:`check_rule`, :func:`check_scores` and :func:`top2_sum_of_4` (also
-used by the permutation search and the training transforms).
+and shares: :func:`check_kernel_shape` (2D or at least 2 dims, no zero-size one),
+:func:`as_array`, :func:`check_rule`, :func:`check_scores` and :func:`top2_sum_of_4`
+(also used by the scores, the trees, the permutation search and the training transforms).
 """
 
 from __future__ import annotations
@@ -30,6 +31,38 @@ RULES = ("column_l1", "exhaustive")
 _PAD_SCORE = -1.0
 
 
+def check_kernel_shape(shape, name: str = "kernel", ndim: int | None = 2) -> tuple[int, ...]:
+  """``shape`` as ints if V:N:M can cut it: ``ndim`` dims (None: at least 2), none of size 0.
+
+  Raises:
+    ValueError: naming ``name`` and the shape.
+  """
+  shape = tuple(int(d) for d in shape)
+  if ndim is not None and len(shape) != ndim:
+    raise ValueError(f"{name} must be {ndim}D (in_features, out_features), got shape "
+                     f"{shape}; view an nD kernel with vnm_jax.as_matrix(kernel, in_axes).")
+  if len(shape) < 2:
+    raise ValueError(f"{name} must have at least 2 dims (in, out), got shape {shape}.")
+  if min(shape) < 1:
+    raise ValueError(f"{name} has a zero-size dimension: shape {shape}; V:N:M needs every "
+                     f"dimension >= 1.")
+  return shape
+
+
+def as_array(x, name: str = "kernel") -> jax.Array:
+  """``jnp.asarray(x)`` of a numeric (int or floating, not bool) array; else a TypeError
+  naming ``name``."""
+  try:
+    array = jnp.asarray(x)
+  except TypeError:
+    raise TypeError(f"{name} must be a numeric array, got {type(x).__name__} "
+                    f"{str(x)[:40]!r}.") from None
+  if not (jnp.issubdtype(array.dtype, jnp.integer) or jnp.issubdtype(array.dtype, jnp.floating)):
+    raise TypeError(f"{name} must be a numeric array (int or floating), got dtype "
+                    f"{array.dtype}.")
+  return array
+
+
 def _normalize_in_axes(ndim: int, in_axes: Sequence[int] | int | None) -> tuple[int, ...]:
   if in_axes is None:
     if ndim == 2:
@@ -37,10 +70,11 @@ def _normalize_in_axes(ndim: int, in_axes: Sequence[int] | int | None) -> tuple[
     raise ValueError(f"in_axes is required for a kernel with {ndim} dims: name its "
                      f"contraction (input) axes, e.g. in_axes=(0,) for DenseGeneral "
                      f"(in, heads, head_dim) or in_axes=(0, 1) for (heads, head_dim, out).")
-  axes = (in_axes,) if isinstance(in_axes, int) else tuple(in_axes)
+  axes = (in_axes,) if isinstance(in_axes, (int, np.integer, str)) else tuple(in_axes)
   normalized = []
   for axis in axes:
-    if not isinstance(axis, (int, np.integer)) or not -ndim <= axis < ndim:
+    if (isinstance(axis, bool) or not isinstance(axis, (int, np.integer))
+        or not -ndim <= axis < ndim):
       raise ValueError(f"in_axes entry {axis!r} is not an axis of a {ndim}-dim kernel "
                        f"(allowed: {-ndim}..{ndim - 1}).")
     normalized.append(int(axis) % ndim)
@@ -54,10 +88,10 @@ def as_matrix(x: jax.Array, in_axes: Sequence[int] | int | None = None) -> jax.A
   """The 2D (in, out) view of a kernel: ``in_axes`` first and flattened, the rest flattened.
 
   A 2D kernel needs no ``in_axes`` (it is (in, out)); one with more dims must name
-  its contraction axes.
+  its contraction axes. A zero-size dimension is a ValueError.
   """
-  if x.ndim < 2:
-    raise ValueError(f"kernel must have at least 2 dims (in, out), got shape {x.shape}.")
+  x = jnp.asarray(x)
+  check_kernel_shape(x.shape, ndim=None)
   axes = _normalize_in_axes(x.ndim, in_axes)
   rest = tuple(a for a in range(x.ndim) if a not in axes)
   moved = jnp.transpose(x, axes + rest)
@@ -68,10 +102,14 @@ def as_matrix(x: jax.Array, in_axes: Sequence[int] | int | None = None) -> jax.A
 def from_matrix(matrix: jax.Array, shape: Sequence[int],
                 in_axes: Sequence[int] | int | None = None) -> jax.Array:
   """Inverse of :func:`as_matrix`: back to the kernel's original ``shape``."""
-  shape = tuple(shape)
+  shape = check_kernel_shape(shape, "shape", ndim=None)
   axes = _normalize_in_axes(len(shape), in_axes)
   rest = tuple(a for a in range(len(shape)) if a not in axes)
   order = axes + rest
+  expected = (math.prod(shape[a] for a in axes), math.prod(shape[a] for a in rest))
+  if tuple(jnp.shape(matrix)) != expected:
+    raise ValueError(f"matrix must have the (in, out) view shape {expected} of a kernel of "
+                     f"shape {shape} with in_axes={in_axes!r}, got {tuple(jnp.shape(matrix))}.")
   moved = matrix.reshape(tuple(shape[a] for a in order))
   return jnp.transpose(moved, np.argsort(order))
 
@@ -80,9 +118,10 @@ def check_scores(scores, shape: tuple[int, ...], name: str = "scores") -> jax.Ar
   """Importance scores of ``shape`` as a floating array; finite and >= 0 outside jit.
 
   Raises:
+    TypeError: not a numeric array (bool included).
     ValueError: another shape, or (on concrete values) NaN, infinite or negative entries.
   """
-  scores = jnp.asarray(scores)
+  scores = as_array(scores, name)
   if scores.shape != tuple(shape):
     raise ValueError(f"{name} must have the kernel's shape {tuple(shape)}, got {scores.shape}.")
   if not jnp.issubdtype(scores.dtype, jnp.floating):
@@ -256,7 +295,8 @@ def vnm_mask(kernel: jax.Array, config: VNMConfig | str, *, scores: jax.Array | 
   """
   config = _check_config(config)
   check_rule(rule)
-  kernel = jnp.asarray(kernel)
+  kernel = as_array(kernel)
+  check_kernel_shape(kernel.shape, ndim=None)
   matrix_scores = as_matrix(check_scores(jnp.abs(kernel) if scores is None else scores,
                                          kernel.shape), in_axes)
   validate_permutation(permutation, matrix_scores.shape)
@@ -274,6 +314,7 @@ def is_vnm(mask, config: VNMConfig | str, *, in_axes: Sequence[int] | int | None
   permuted order (``permutation=None``) is checked without a trip through the device.
   """
   config = _check_config(config)
+  check_kernel_shape(np.shape(mask), "mask", ndim=None)
   if in_axes is None and permutation is None and np.ndim(mask) == 2:
     matrix = np.asarray(mask) != 0
   else:
@@ -298,11 +339,14 @@ def nm_mask(scores: jax.Array, n: int, m: int, axis: int = 0) -> jax.Array:
   axis sparse tensor cores contract. A length that does not divide by m is padded
   with entries never preferred, then cropped. Ties go to the lower index.
   """
-  if not (isinstance(m, int) and isinstance(n, int) and 1 <= n <= m):
+  if not all(isinstance(x, int) and not isinstance(x, bool) for x in (n, m)) \
+      or not 1 <= n <= m:
     raise ValueError(f"nm_mask needs integers 1 <= n <= m, got n={n!r}, m={m!r}.")
-  scores = jnp.asarray(scores)
-  if not -scores.ndim <= axis < scores.ndim:
-    raise ValueError(f"axis={axis} is not an axis of scores with shape {scores.shape}.")
+  scores = as_array(scores, "scores")
+  if isinstance(axis, bool) or not isinstance(axis, int) or not -scores.ndim <= axis < scores.ndim:
+    raise ValueError(f"axis={axis!r} is not an axis of scores with shape {scores.shape}.")
+  if scores.size == 0:
+    raise ValueError(f"scores has a zero-size dimension: shape {scores.shape}.")
   scores = check_scores(scores, scores.shape)
   moved = jnp.moveaxis(scores, axis, -1).astype(jnp.float32)
   length = moved.shape[-1]

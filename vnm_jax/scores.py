@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vnm_jax.masks import as_array, check_kernel_shape
+
 
 class Importance(enum.Enum):
   """The built-in importance scores, by name.
@@ -60,12 +62,11 @@ def _float(x: jax.Array) -> jax.Array:
 
 
 def _check_kernel(kernel, *, ndim: int | None) -> jax.Array:
-  kernel = jnp.asarray(kernel)
-  if not jnp.issubdtype(kernel.dtype, jnp.number):
-    raise TypeError(f"kernel must be a numeric array, got dtype {kernel.dtype}.")
-  if ndim is not None and kernel.ndim != ndim:
-    raise ValueError(f"kernel must be 2D (in_features, out_features), got shape {kernel.shape}; "
-                     f"view an nD kernel with vnm_jax.masks.as_matrix(kernel, in_axes) first.")
+  kernel = as_array(kernel)
+  if ndim is not None:
+    check_kernel_shape(kernel.shape, ndim=ndim)
+  elif kernel.size == 0:
+    raise ValueError(f"kernel has a zero-size dimension: shape {kernel.shape}.")
   if not isinstance(kernel, jax.core.Tracer):
     bad = int(jnp.sum(~jnp.isfinite(kernel)))
     if bad:

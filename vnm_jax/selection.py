@@ -28,6 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from vnm_jax.config import KEPT_COLUMNS, VNMConfig
+from vnm_jax.masks import check_kernel_shape
 from vnm_jax.trees import path_predicate, path_str
 
 
@@ -174,6 +175,7 @@ def model_gemm_shapes(params, *, filter=None) -> dict[tuple[int, int], int]:
     if len(shape) != 2:
       raise ValueError(f"selected leaf {name!r} has shape {shape}; V/M selection times 2D "
                        f"(in, out) kernels only (narrow the filter).")
+    check_kernel_shape(shape, f"selected leaf {name!r}")
     shapes[shape] = shapes.get(shape, 0) + 1
   if not shapes:
     raise ValueError("no kernel of params is selected by the filter: nothing to time.")

@@ -27,9 +27,9 @@ reorder the kernels of a tree by a :class:`~vnm_jax.permutation.Permutation` per
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
+import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -37,9 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from vnm_jax.config import VNMConfig
+from vnm_jax._sparsity_report import LayerDensity, SparsitySummary
 from vnm_jax._tree_util import (canonical_path, compile_patterns, compile_regex, contraction_axes,
                                 first_match, preview, shape_of)
-from vnm_jax.masks import Rule, as_matrix, check_rule, from_matrix, vnm_mask
+from vnm_jax.masks import Rule, as_matrix, check_kernel_shape, check_rule, from_matrix, vnm_mask
 from vnm_jax.permutation import Permutation, permute, unpermute, validate_permutation
 from vnm_jax.scores import Importance, importance_scores
 
@@ -58,6 +59,9 @@ def path_str(path: Sequence[Any]) -> str:
   Handles DictKey (linen dicts, nnx.State), SequenceKey, GetAttrKey and
   FlattenedIndexKey; the trailing ``value`` attribute of an nnx Variable is dropped.
   """
+  if isinstance(path, (str, bytes)) or not hasattr(path, "__iter__"):
+    raise TypeError(f"path must be a sequence of jax.tree_util keys (as from "
+                    f"tree_flatten_with_path), got {path!r}.")
   keys = list(path)
   if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
     keys = keys[:-1]
@@ -97,10 +101,23 @@ def default_filter(path: str, leaf) -> bool:
   dims (a Dense / nnx.Linear kernel (in, out)) and its path does not match
   :data:`DEFAULT_DENSE_PATTERN` (``embed``, ``norm``, ``classifier`` anywhere;
   ``head`` as a name part: ``head``, ``lm_head``, ``cls_head_0``, not ``heads``).
+
+  A ``kernel`` with more than 2 dims (DenseGeneral, einsum) outside those names stays
+  dense: its contraction axes are not guessed. It is named in a :class:`UserWarning`
+  (once per kernel and shape) with the fix: select it with ``filter=`` and give its
+  contraction axes with ``in_axes=`` (:func:`tree_masks`).
   """
   shape = shape_of(leaf)
-  return (path.rsplit("/", 1)[-1] == "kernel" and shape is not None and len(shape) == 2
-          and _DEFAULT_DENSE.search(path) is None)
+  if (path.rsplit("/", 1)[-1] != "kernel" or shape is None or len(shape) < 2
+      or _DEFAULT_DENSE.search(path) is not None):
+    return False
+  if len(shape) > 2:
+    warnings.warn(f"{path!r} has shape {shape} and stays dense: the default filter selects 2D "
+                  f"kernels only. To prune it, select it with filter= and give its contraction "
+                  f"axes with in_axes, e.g. tree_masks(params, config, filter=..., "
+                  f"in_axes={{{path!r}: (0,)}}).", UserWarning, stacklevel=2)
+    return False
+  return True
 
 
 def path_predicate(filter: PathFilter | None,
@@ -147,6 +164,7 @@ def _plan(params, config, filter, configs) -> tuple[list[tuple[str, Any, VNMConf
       raise ValueError(f"filter selected {path!r} with shape {shape}: V:N:M needs a kernel with "
                        f"at least 2 dims (in, out); narrow the filter, e.g. end it with "
                        f"'kernel$'.")
+    check_kernel_shape(shape, f"kernel {path!r}", ndim=None)
     selected.append(path)
     pattern, override = first_match(overrides, path)
     if pattern is not None:
@@ -229,12 +247,25 @@ def kernel_scores(params, score: Importance | str, *, filter: PathFilter | None 
   """
   importance = Importance.parse(score)
   predicate = path_predicate(filter)
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  norms_by_path = _entries_by_path(input_norms, {canonical_path(path_str(p)) for p, _ in leaves},
+                                   "input_norms")
   scores = {}
-  for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+  for key_path, leaf in leaves:
     path = path_str(key_path)
-    if predicate(path, leaf):
-      norms = None if input_norms is None else input_norms[path]
+    if not predicate(path, leaf):
+      continue
+    norms = norms_by_path.get(canonical_path(path))
+    if norms is None and importance.needs_input_norms:
+      raise ValueError(f"score={importance.value!r} needs input_norms for {path!r}; "
+                       f"input_norms has entries for {preview(sorted(norms_by_path)) or 'none'}.")
+    try:
       scores[path] = importance_scores(leaf, importance, norms)
+    except (TypeError, ValueError) as error:
+      raise type(error)(f"while scoring {path!r}: {error}") from None
+  if not scores:
+    raise ValueError(f"filter={filter!r} selected no leaf of params; its paths are "
+                     f"{preview([path_str(p) for p, _ in leaves])}.")
   return scores
 
 
@@ -272,10 +303,11 @@ def tree_masks(params, config: VNMConfig | str | None, *, filter: PathFilter | N
   score_fn, importance = _score_fn(score)
   plan, treedef = _plan(params, config, filter, configs)
   axes_patterns = compile_patterns(in_axes, "in_axes", lambda value, _: value)
-  given_scores = leaves_by_path(scores)
-  norms_by_path = leaves_by_path(input_norms)
-  permutation_by_path = leaves_by_path(permutations,
-                                        is_leaf=lambda x: isinstance(x, Permutation))
+  paths = {canonical_path(path) for path, _, _ in plan}
+  given_scores = _entries_by_path(scores, paths, "scores")
+  norms_by_path = _entries_by_path(input_norms, paths, "input_norms")
+  permutation_by_path = _entries_by_path(permutations, paths, "permutations",
+                                         is_leaf=lambda x: isinstance(x, Permutation))
   masks = []
   for path, leaf, cfg in plan:
     if cfg is None:
@@ -333,6 +365,9 @@ def tree_apply_masks(params, masks):
     if shape_of(mask) != shape_of(leaf):
       raise ValueError(f"masks[{path!r}] has shape {shape_of(mask)}; the parameter has shape "
                        f"{shape_of(leaf)}.")
+    if getattr(mask, "dtype", None) != jnp.bool_:
+      raise TypeError(f"masks[{path!r}] must be a bool array (True = kept), got dtype "
+                      f"{getattr(mask, 'dtype', type(mask).__name__)}.")
     leaf = jnp.asarray(leaf)
     return jnp.where(mask, leaf, jnp.zeros((), leaf.dtype))
 
@@ -385,75 +420,6 @@ def tree_permute(tree, permutations):
 def tree_unpermute(tree, permutations):
   """Inverse of :func:`tree_permute`: every named kernel back in original coordinates."""
   return _reorder(tree, permutations, undo=True)
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerDensity:
-  """One masked leaf: ``kept`` of ``size`` entries survive."""
-
-  path: str
-  shape: tuple[int, ...]
-  config: VNMConfig | None
-  kept: int
-  size: int
-
-  @property
-  def density(self) -> float:
-    return self.kept / self.size if self.size else 1.0
-
-
-@dataclasses.dataclass(frozen=True)
-class SparsitySummary:
-  """Densities of a masked model: per masked leaf, over masked leaves, over all params.
-
-  ``str(summary)`` and :meth:`to_markdown` give a markdown table.
-  """
-
-  layers: tuple[LayerDensity, ...]
-  dense_leaves: int
-  dense_size: int
-
-  @property
-  def masked_kept(self) -> int:
-    return sum(layer.kept for layer in self.layers)
-
-  @property
-  def masked_size(self) -> int:
-    return sum(layer.size for layer in self.layers)
-
-  @property
-  def masked_density(self) -> float:
-    """Kept fraction over the masked leaves only."""
-    return self.masked_kept / self.masked_size if self.masked_size else 1.0
-
-  @property
-  def total_size(self) -> int:
-    return self.masked_size + self.dense_size
-
-  @property
-  def total_density(self) -> float:
-    """Kept fraction over all parameters, dense leaves counting as fully kept."""
-    return (self.masked_kept + self.dense_size) / self.total_size if self.total_size else 1.0
-
-  def to_markdown(self) -> str:
-    rows = [("path", "shape", "config", "kept", "size", "density")]
-    for layer in self.layers:
-      rows.append((layer.path, "x".join(map(str, layer.shape)),
-                   "-" if layer.config is None else str(layer.config), f"{layer.kept:,}",
-                   f"{layer.size:,}", f"{layer.density:.4f}"))
-    rows.append((f"masked ({len(self.layers)} leaves)", "", "", f"{self.masked_kept:,}",
-                 f"{self.masked_size:,}", f"{self.masked_density:.4f}"))
-    rows.append((f"all params ({len(self.layers) + self.dense_leaves} leaves)", "", "",
-                 f"{self.masked_kept + self.dense_size:,}", f"{self.total_size:,}",
-                 f"{self.total_density:.4f}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |"
-             for row in rows]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
-
-  def __str__(self) -> str:
-    return self.to_markdown()
 
 
 def sparsity_summary(params, masks, configs=None) -> SparsitySummary:

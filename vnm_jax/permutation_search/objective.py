@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from vnm_jax.config import KEPT_COLUMNS, VNMConfig
-from vnm_jax.masks import as_matrix, check_rule, check_scores, top2_sum_of_4
+from vnm_jax.masks import (as_array, as_matrix, check_kernel_shape, check_rule, check_scores,
+                           top2_sum_of_4)
 from vnm_jax.permutation import Permutation, validate_permutation
 
 # Elements of one chunk of the cost computations (bounds memory).
@@ -246,7 +247,8 @@ def group_block_kept(scores: jax.Array, groups: jax.Array, blocks: jax.Array) ->
 
 def scores_matrix(kernel, scores, in_axes) -> np.ndarray:
   """Validated scores (|kernel| when None, as in vnm_mask): the 2D (in, out) view, float32."""
-  kernel = jnp.asarray(kernel)
+  kernel = as_array(kernel)
+  check_kernel_shape(kernel.shape, ndim=None)
   checked = check_scores(jnp.abs(kernel) if scores is None else scores, kernel.shape)
   return np.asarray(as_matrix(checked, in_axes), np.float32)
 
@@ -293,9 +295,12 @@ def _apply_permutation(problem: Problem, groups, blocks, permutation):
 
 def unstructured_kept_score(scores, density: float) -> float:
   """Score kept by unstructured pruning at ``density``: the sum of the top round(density * size)."""
-  if not 0 < density <= 1:
-    raise ValueError(f"density must be in (0, 1], got {density!r}.")
-  flat = np.asarray(scores, np.float64).ravel()
+  if isinstance(density, bool) or not isinstance(density, (int, float, np.floating)) \
+      or not 0 < density <= 1:
+    raise ValueError(f"density must be in (0, 1] (a number), got {density!r}.")
+  flat = np.asarray(check_scores(scores, np.shape(scores)), np.float64).ravel()
+  if flat.size == 0:
+    raise ValueError(f"scores has a zero-size dimension: shape {np.shape(scores)}.")
   count = int(round(density * flat.size))
   return float(np.sort(flat)[flat.size - count:].sum()) if count else 0.0
 

@@ -402,13 +402,18 @@ def find_permutation(kernel, config: VNMConfig | str, *, scores=None, rule: str 
   check_rule(rule)
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
-  if time_budget_s is not None and not (isinstance(time_budget_s, (int, float))
-                                        and time_budget_s > 0):
+  if time_budget_s is not None and (isinstance(time_budget_s, bool) or not (
+      isinstance(time_budget_s, (int, float)) and time_budget_s > 0)):
     raise ValueError(f"time_budget_s must be a positive number of seconds or None, got "
                      f"{time_budget_s!r}.")
   if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
     raise TypeError(f"seed must be an int, got {seed!r}.")
-  if not (isinstance(tolerance, (int, float)) and 0 <= tolerance < 1):
+  if seed < 0:
+    raise ValueError(f"seed must be an int >= 0, got {seed!r}.")
+  if not isinstance(search_outputs, (bool, np.bool_)):
+    raise TypeError(f"search_outputs must be True or False, got {search_outputs!r}.")
+  if isinstance(tolerance, bool) or not (isinstance(tolerance, (int, float))
+                                         and 0 <= tolerance < 1):
     raise ValueError(f"tolerance must be a share of the gap in [0, 1), got {tolerance!r}.")
   started = time.monotonic()
   deadline = math.inf if time_budget_s is None else started + time_budget_s
