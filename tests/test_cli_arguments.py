@@ -68,9 +68,11 @@ def files(tmp_path_factory):
   (root / "bad.jsonl").write_text('{"recipe": "dense"\n')
   (root / "partial.jsonl").write_text('{"recipe": "dense"}\n')
   write_gguf(root / "tiny.gguf", GGUF_CONFIG, random_gguf_tensors(GGUF_CONFIG))
+  write_gguf(root / "gpt2.gguf", GGUF_CONFIG, random_gguf_tensors(GGUF_CONFIG),
+             architecture="gpt2")
   return {"{ckpt}": root / "vit_ckpt", "{other_ckpt}": root / "other_ckpt",
           "{text}": root / "notes.txt", "{fake_gguf}": root / "notes.gguf",
-          "{short_gguf}": root / "short.gguf", "{tiny_gguf}": root / "tiny.gguf",
+          "{short_gguf}": root / "short.gguf", "{tiny_gguf}": root / "tiny.gguf", "{gpt2_gguf}": root / "gpt2.gguf",
           "{exists}": root / "exists.safetensors", "{dir}": root / "empty_dir",
           "{missing}": root / "missing" / "file.gguf", "{new}": root / "new_output",
           "{bad_jsonl}": root / "bad.jsonl", "{partial_jsonl}": root / "partial.jsonl"}
@@ -116,6 +118,7 @@ CASES = [
     ("vnm-jax", ["prune", "{fake_gguf}", "--config", "64:2:8", "--out", "{new}"], "source"),
     ("vnm-jax", ["prune", "{short_gguf}", "--config", "64:2:8", "--out", "{new}"], "source"),
     ("vnm-jax", ["prune", "{dir}", "--config", "64:2:8", "--out", "{new}"], "source"),
+    ("vnm-jax", ["prune", "{gpt2_gguf}", "--config", "64:2:8", "--out", "{new}"], "source"),
     ("vnm-jax", ["prune", "{other_ckpt}", "--config", "64:2:8", "--out", "{new}"], "source"),
     # prune: the options
     ("vnm-jax", P[:2] + ["--out", "{new}"], "--config"),
@@ -194,6 +197,7 @@ CASES = [
     ("llm", ["eval", "--gguf", "{fake_gguf}"], "--gguf"),
     ("llm", ["eval", "--gguf", "{short_gguf}"], "--gguf"),
     ("llm", ["eval", "--gguf", "{dir}"], "--gguf"),
+    ("llm", ["eval", "--gguf", "{gpt2_gguf}"], "--gguf"),
     ("llm", ["eval"], "--gguf"),  # no --gguf and no SmolLM2 in the cache
     ("llm", ["eval", "--eval-tokens", "0"], "--eval-tokens"),
     ("llm", ["eval", "--eval-tokens", "1e4"], "--eval-tokens"),
@@ -297,7 +301,9 @@ def test_messages_name_the_value_and_what_is_allowed(files, capsys):
       (["prune", str(files["{ckpt}"]), "--config", "64:2:8", "--out", str(files["{ckpt}"])],
        ["already holds checkpoint steps [0]"]),
       (["vit", "--num-heads", "3"], ["num_heads (3)", "must divide dim (64)"]),
-      (["llm", "eval"], ["--gguf", "not given", "python -m vnm_recipes.llm fetch"])]:
+      (["llm", "eval"], ["--gguf", "not given", "python -m vnm_recipes.llm fetch"]),
+      (["llm", "eval", "--gguf", str(files["{gpt2_gguf}"])],
+       [str(files["{gpt2_gguf}"]), "general.architecture must be 'llama', got 'gpt2'"])]:
     with pytest.raises(SystemExit):
       cli.main(argv)
     err = capsys.readouterr().err
