@@ -48,6 +48,9 @@ class LoRASettings:
 
   def __post_init__(self):
     check_positive_ints(self, ("steps", "batch_size", "rank", "update_every"))
+    if self.steps < 2:
+      raise ValueError(f"LoRASettings.steps must be >= 2 (stage 1 and stage 2 take one step "
+                       f"each at least), got {self.steps}")
     if isinstance(self.sequence_length, bool) or not isinstance(self.sequence_length, int) \
         or self.sequence_length < 2:
       raise ValueError(f"LoRASettings.sequence_length must be an int >= 2, got "

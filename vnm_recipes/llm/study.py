@@ -201,8 +201,17 @@ class _Study:
     found = search_permutations(scores, VNMConfig.parse(pattern),
                                 seconds_per_kernel=self.settings.permutation_seconds)
     save_permutations(found, cache)
-    self.log(f"permutations {pattern}: {time.perf_counter() - start:.0f} s")
+    seconds = time.perf_counter() - start
+    cache.with_suffix(".json").write_text(json.dumps(
+        {"seconds_per_kernel": self.settings.permutation_seconds, "search_seconds": seconds,
+         "backend": jax.default_backend()}))
+    self.log(f"permutations {pattern}: {seconds:.0f} s")
     return found
+
+  def permutation_search(self, pattern: str) -> dict:
+    """How the cached permutations of ``pattern`` were searched (budget, time, backend)."""
+    info = self.work_dir / f"permutations_{pattern.replace(':', '-')}.json"
+    return json.loads(info.read_text()) if info.exists() else {}
 
   def masks(self, config, permutations=None) -> Any:
     configs = allocation_patterns(config) if isinstance(config, dict) else None
@@ -229,7 +238,7 @@ class _Study:
         self.record(method=method, recipe="one-shot", pattern=str(VNMConfig.parse(pattern)),
                     permuted=permuted, density=average_density(self.shapes, pattern),
                     calibration_windows=self.settings.calibration_windows,
-                    permutation_seconds=self.settings.permutation_seconds if permuted else None,
+                    permutation_search=self.permutation_search(pattern) if permuted else None,
                     ppl=ppl, nll=nll, seconds=time.perf_counter() - start)
 
   def sensitivities(self) -> dict[str, dict[str, float]]:
