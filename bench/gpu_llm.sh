@@ -22,7 +22,7 @@
 #
 # Device-time estimate (H200, ~790 bf16 TFLOP/s peak; see bench/RESULTS.md "LLM study"):
 # start ~60-90 s, call 1 ~20 s, call 2 ~8 min: load ~25 s, grid + allocation ~60 s,
-# sensitivities (840 passes of 4 x 512 tokens, ~1.1 TFLOP each) ~15 s, four LoRA runs of
+# sensitivities (840 passes of 4 x 512 tokens, ~0.55 TFLOP each) ~15 s, four LoRA runs of
 # 500 steps of 4 x 512 tokens (~1.3 TFLOP per step: ~1.6 ms at peak, ~8 ms at an assumed
 # 20 % of it) ~5-25 s each plus ~60-90 s compile each, evaluations (20,480 tokens, ~5.5
 # TFLOP) ~1 s each. Compilation, not arithmetic, bounds the run; the 92,475-token training
