@@ -271,9 +271,12 @@ def test_sr_ste_score_arguments_are_validated():
     sr_ste(optax.sgd(1.0), configs, score="wanda")
   with pytest.raises(ValueError, match="score='magnitude' does not use them"):
     sr_ste(optax.sgd(1.0), configs, input_norms=norms)
-  with pytest.raises(ValueError, match="input_norms has entries for 'dense2/kernel'"):
+  with pytest.raises(ValueError, match="input_norms has entries for 'dense3/kernel', which name"):
     sr_ste(optax.sgd(1.0), configs, score="wanda",
-           input_norms={**norms, "dense2/kernel": jnp.ones(21)})
+           input_norms={**norms, "dense3/kernel": jnp.ones(21)})
+  # Norms of a dense leaf (collect_input_norms records every Linear) are ignored.
+  sr_ste(optax.sgd(1.0), configs, score="wanda",
+         input_norms={**norms, "dense2/kernel": jnp.ones(21)}).init(params)
   with pytest.raises(ValueError, match="finite and >= 0"):
     sr_ste(optax.sgd(1.0), configs, score="ria", input_norms={"dense1/kernel": -jnp.ones(37)})
   with pytest.raises(ValueError, match="score must be one of"):

@@ -78,8 +78,8 @@ def _norms_array(norms, path: str, caller: str) -> jax.Array:
 def mask_scoring(configs, score, input_norms, permutations, caller: str) -> MaskScoring:
   """Validates ``score=``, ``input_norms=`` and ``permutations=`` against a configs tree.
 
-  Runs at construction (no params yet): the paths of ``configs`` name the sparse
-  leaves, and every per-path entry must name one of them.
+  Runs at construction (no params yet): the paths of ``configs`` name the leaves; every
+  per-path entry must name one of them, and entries at dense leaves are ignored.
 
   Args:
     configs: the configs tree (VNMConfig at sparse leaves, None elsewhere).
@@ -97,11 +97,15 @@ def mask_scoring(configs, score, input_norms, permutations, caller: str) -> Mask
   sparse_keys = {keys[p] for p in sparse}
   norms_by_key = leaves_by_path(input_norms)
   perms_by_key = leaves_by_path(permutations, is_leaf=lambda x: isinstance(x, Permutation))
+  # Entries at dense leaves are ignored, as tree_masks does (collect_input_norms returns
+  # norms for every Linear, heads included); paths that name no leaf are typos.
   for argument, found in (("input_norms", norms_by_key), ("permutations", perms_by_key)):
-    stray = sorted(set(found) - sparse_keys)
+    stray = sorted(set(found) - set(keys.values()))
     if stray:
-      raise ValueError(f"{caller}: {argument} has entries for {preview(stray)}, which are not "
-                       f"sparse leaves of configs; sparse leaves: {preview(sorted(sparse_keys))}.")
+      raise ValueError(f"{caller}: {argument} has entries for {preview(stray)}, which name no "
+                       f"leaf of configs; its sparse leaves are {preview(sorted(sparse_keys))}.")
+  norms_by_key = {k: v for k, v in norms_by_key.items() if k in sparse_keys}
+  perms_by_key = {k: v for k, v in perms_by_key.items() if k in sparse_keys}
   if importance is Importance.MAGNITUDE and norms_by_key:
     raise ValueError(f"{caller}: input_norms were given but score='magnitude' does not use "
                      f"them; pass score='wanda' or 'ria' (or a callable) to use them.")
