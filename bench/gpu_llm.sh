@@ -38,7 +38,7 @@ pack)
   python=${PYTHON:-/work/venv/bin/python}
   gguf_file=$(PYTHONPATH=$PWD $python -c "from vnm_recipes import gguf; print(gguf.find_smollm2_gguf())")
   work=${WORK:-runs/llm_study/work}
-  for f in input_norms.npz permutations_2-4.npz permutations_64-2-5.npz permutations_64-2-8.npz; do
+  for f in input_norms.npz permutations_64-2-4.npz permutations_64-2-5.npz permutations_64-2-8.npz; do
     [ -f "$work/$f" ] || { echo "gpu_llm.sh pack: $work/$f missing: run the CPU study first" >&2; exit 2; }
   done
   rm -rf "$PACK" && mkdir -p "$PACK/a/work" "$PACK/b"

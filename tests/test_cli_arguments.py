@@ -224,6 +224,7 @@ CASES = [
     ("llm", ["study", "--dtype", "int8"], "--dtype"),
     ("llm", ["study", "--deadline-seconds", "0"], "--deadline-seconds"),
     ("llm", ["study", "--lora-steps", "1"], "--lora-steps"),
+    ("llm", ["study", "--lora-patterns", "64:2:5", "everything"], "--lora-patterns"),
     ("llm", ["study", "--tokens", "{missing}"], "--tokens"),
     ("llm", ["study", "--gguf", "{tiny_gguf}", "--tokens", "{text}"], "--tokens"),
     ("llm", ["study", "--save-tokens", "{exists}"], "--save-tokens"),

@@ -39,7 +39,7 @@ from vnm_recipes.llm.presets import DEFAULT_RESULTS, PERMUTE_CHOICES, LoRASettin
 from vnm_recipes.llm.pruning import kernel_scores, one_shot_masks, search_permutations
 from vnm_recipes.llm.reports import (append_record, plot_study, read_records, results_table,
                                      study_table)
-from vnm_recipes.llm.study import PARTS, PRESETS, load_split, run_study, save_split
+from vnm_recipes.llm.study import ALLOCATION, PARTS, PRESETS, load_split, run_study, save_split
 from vnm_recipes.llm.training import train_three_stage_lora
 from vnm_recipes.models.llama import PRUNABLE_PATTERN, Llama, generate_greedy
 
@@ -222,6 +222,8 @@ def _run_study(args):
   if args.lora_steps is not None:
     settings = dataclasses.replace(settings, lora=dataclasses.replace(settings.lora,
                                                                       steps=args.lora_steps))
+  if args.lora_patterns is not None:
+    settings = dataclasses.replace(settings, lora_patterns=tuple(args.lora_patterns))
   deadline = (None if args.deadline_seconds is None
               else args.deadline_seconds - (time.perf_counter() - start))
   records = run_study(settings, model, split, work_dir=args.work_dir, results=args.results,
@@ -252,6 +254,11 @@ def _run_report(args):
   except (KeyError, TypeError) as error:
     raise BadArgument("--results", f"{str(args.results)!r}: a record lacks the field {error} "
                                    f"(write records with `eval`, `prune` or `lora`)") from None
+
+
+def _lora_pattern_argument(text: str) -> str:
+  """argparse type: a V:N:M pattern or "allocation" (the study's allocation LoRA run)."""
+  return text if text == ALLOCATION else str(config_argument(text))
 
 
 def _parse_args(argv: Sequence[str] | None, prog: str) -> argparse.Namespace:
@@ -318,6 +325,9 @@ def _parse_args(argv: Sequence[str] | None, prog: str) -> argparse.Namespace:
                      help="wall-clock budget; LoRA runs are shortened to fit")
   study.add_argument("--lora-steps", type=positive_int_argument,
                      help="steps of every LoRA run (default: the preset's)")
+  study.add_argument("--lora-patterns", nargs="+", type=_lora_pattern_argument,
+                     help="the LoRA runs (patterns or 'allocation'; default: the preset's), "
+                          "e.g. to split a run into chunks")
   study.add_argument("--work-dir", type=output_dir_argument,
                      default=str(DEFAULT_STUDY_DIR / "work"),
                      help="cache of input norms, permutations, sensitivities, allocations")

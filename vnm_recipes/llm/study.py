@@ -194,8 +194,11 @@ class _Study:
         np.savez_compressed(cache, **{_npz_key(k): np.asarray(v) for k, v in self._norms.items()})
     return self._norms
 
+  def _permutation_cache(self, pattern: str) -> Path:
+    return self.work_dir / f"permutations_{str(VNMConfig.parse(pattern)).replace(':', '-')}.npz"
+
   def permutations(self, pattern: str) -> dict[str, Permutation]:
-    cache = self.work_dir / f"permutations_{pattern.replace(':', '-')}.npz"
+    cache = self._permutation_cache(pattern)
     if cache.exists():
       return load_permutations(cache)
     start = time.perf_counter()
@@ -212,7 +215,7 @@ class _Study:
 
   def permutation_search(self, pattern: str) -> dict:
     """How the cached permutations of ``pattern`` were searched (budget, time, backend)."""
-    info = self.work_dir / f"permutations_{pattern.replace(':', '-')}.json"
+    info = self._permutation_cache(pattern).with_suffix(".json")
     return json.loads(info.read_text()) if info.exists() else {}
 
   def masks(self, config, permutations=None) -> Any:
