@@ -272,12 +272,13 @@ def test_study_runs_every_part_resumes_and_reports(setup, tmp_path):
   shapes = allocation.kernel_shapes(nnx.state(model))
   given = {p: Permutation(rng.permutation(k), None) for p, (k, _) in shapes.items()}
   (tmp_path / "work").mkdir()
-  study.save_permutations(given, tmp_path / "work" / "permutations_8-2-5.npz")
+  for name in ("8-2-4", "8-2-5", "8-2-8"):  # every config used: allocation + permutation runs
+    study.save_permutations(given, tmp_path / "work" / f"permutations_{name}.npz")
   records = study.run_study(settings, model, split, work_dir=tmp_path / "work", results=results,
                             dtype=jnp.float32, progress=False, log=lambda _: None)
   methods = [r["method"] for r in records]
   assert methods == ["dense", "one-shot", "one-shot + permutation", "per-layer allocation",
-                     "per-layer allocation + LoRA"]
+                     "per-layer allocation + permutation", "per-layer allocation + LoRA"]
   uniform = average_density(shapes, "8:2:5")
   by_method = {r["method"]: r for r in records}
   assert by_method["one-shot"]["density"] == pytest.approx(uniform)

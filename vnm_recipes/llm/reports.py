@@ -42,7 +42,8 @@ def results_table(rows: list[dict]) -> str:
 
 # The study's methods, in the order of the table and the legend.
 STUDY_METHODS = ("dense", "one-shot", "one-shot + permutation", "per-layer allocation",
-                 "three-stage LoRA", "per-layer allocation + LoRA")
+                 "per-layer allocation + permutation", "three-stage LoRA",
+                 "per-layer allocation + LoRA")
 
 
 def _study_rows(rows: list[dict]) -> list[dict]:
@@ -86,7 +87,7 @@ def plot_study(rows: list[dict], path: str | os.PathLike, title: str = "") -> Pa
 
   study = _study_rows(rows)
   figure, axes = plt.subplots(figsize=(7, 4.5))
-  markers = dict(zip(STUDY_METHODS[1:], "osD^v"))
+  markers = dict(zip(STUDY_METHODS[1:], "osDd^v"))
   for method in STUDY_METHODS[1:]:
     points = sorted((r["density"], r["ppl"], r["pattern"]) for r in study
                     if r["method"] == method)

@@ -269,22 +269,39 @@ class _Study:
   def allocation(self, density) -> dict[str, VNMConfig]:
     return allocate(self.sensitivities(), self.shapes, density)
 
+  def cached_permutations(self, allocation: dict[str, VNMConfig]) -> dict | None:
+    """Each kernel's permutation for its allocated config, when every config used has its
+    permutations cached (searched for the grid); None otherwise (no search is started)."""
+    configs = set(allocation.values())
+    if not all(self._permutation_cache(str(c)).exists() for c in configs):
+      return None
+    by_config = {c: self.permutations(str(c)) for c in configs}
+    return {path: by_config[c][path] for path, c in allocation.items()}
+
   def allocations(self) -> None:
     for density in self.settings.allocation_densities:
       label = f"per-layer @ {density}"
-      if self.recorded(method="per-layer allocation", pattern=label):
-        continue
-      start = time.perf_counter()
-      allocation = self.allocation(density)
-      (self.work_dir / f"allocation_{str(density).replace(':', '-')}.json").write_text(
-          json.dumps({p: str(c) for p, c in allocation.items()}, indent=0))
-      ppl, nll, _ = self.evaluate(vnm_jax.tree_apply_masks(self.params, self.masks(allocation)))
-      counts = {str(c): sum(1 for x in allocation.values() if x == c)
-                for c in sorted(set(allocation.values()), key=lambda c: c.m)}
-      self.record(method="per-layer allocation", recipe="per-layer allocation", pattern=label,
-                  permuted=False, density=average_density(self.shapes, allocation),
-                  candidates=list(self.settings.candidates), configs=counts, ppl=ppl, nll=nll,
-                  seconds=time.perf_counter() - start)
+      allocation = None
+      for permuted in (False, True):
+        method = "per-layer allocation" + (" + permutation" if permuted else "")
+        if self.recorded(method=method, pattern=label):
+          continue
+        start = time.perf_counter()
+        allocation = allocation or self.allocation(density)
+        (self.work_dir / f"allocation_{str(density).replace(':', '-')}.json").write_text(
+            json.dumps({p: str(c) for p, c in allocation.items()}, indent=0))
+        permutations = self.cached_permutations(allocation) if permuted else None
+        if permuted and permutations is None:
+          self.log(f"{method} {label}: skipped, a config has no cached permutations")
+          continue
+        masks = self.masks(allocation, permutations)
+        ppl, nll, _ = self.evaluate(vnm_jax.tree_apply_masks(self.params, masks))
+        counts = {str(c): sum(1 for x in allocation.values() if x == c)
+                  for c in sorted(set(allocation.values()), key=lambda c: c.m)}
+        self.record(method=method, recipe="per-layer allocation", pattern=label,
+                    permuted=permuted, density=average_density(self.shapes, allocation),
+                    candidates=list(self.settings.candidates), configs=counts, ppl=ppl,
+                    nll=nll, seconds=time.perf_counter() - start)
 
   def lora_steps(self) -> int:
     """The LoRA run's steps: the preset's, or fewer where the deadline requires."""
