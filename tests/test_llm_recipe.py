@@ -294,6 +294,13 @@ def test_study_runs_every_part_resumes_and_reports(setup, tmp_path):
   assert sorted(cached) == sorted(given) and all(c.outputs is None for c in cached.values())
   np.testing.assert_array_equal(cached["layers/0/mlp/up_proj/kernel"].inputs,
                                 given["layers/0/mlp/up_proj/kernel"].inputs)
+  # A deadline cuts LoRA to the steps that fit: (100 - compile 10 - 2 x eval 2 - 5) / 0.5 s.
+  planner = study._Study(settings, model, split, tmp_path / "work", results, jnp.float32,
+                         deadline_s=100.0, progress=False, log=lambda _: None)
+  planner.lora_timing, planner.evaluation_seconds = (10.0, 0.5), 2.0
+  assert planner.lora_steps() == 3  # the preset's 3 fit
+  planner.settings = dataclasses.replace(settings, lora=dataclasses.replace(SETTINGS, steps=999))
+  assert 158 <= planner.lora_steps() <= 162
   table = reports.study_table(again).splitlines()
   assert len(table) == 2 + len(records) and table[2].startswith("| dense | - | 1.0000 |")
   assert reports.plot_study(again, tmp_path / "plot.png").stat().st_size > 1000

@@ -150,6 +150,7 @@ class _Study:
     self.eval_tokens = split.eval[-settings.eval_tokens:]
     self.done = read_records(results) if results.exists() else []
     self.lora_timing: tuple[float, float] | None = None  # (compile s, s per step)
+    self.evaluation_seconds = 0.0  # the longest evaluation so far
     self._norms = None
 
   # --- helpers ---------------------------------------------------------------------------
@@ -176,7 +177,9 @@ class _Study:
     model = nnx.merge(self.graphdef, cast_floats(params, self.dtype))
     ppl = evaluate_perplexity(model, self.eval_tokens, batch_size=self.settings.eval_batch_size,
                               progress=self.progress)
-    return ppl.perplexity, ppl.mean_nll, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    self.evaluation_seconds = max(self.evaluation_seconds, seconds)
+    return ppl.perplexity, ppl.mean_nll, seconds
 
   @property
   def norms(self) -> dict[str, jax.Array]:
@@ -310,8 +313,8 @@ class _Study:
       return steps
     compile_s, step_s = self.lora_timing or (self.settings.first_compile_seconds,
                                              self.settings.first_step_seconds)
-    evaluation_s = 30.0
-    left = self.deadline - time.perf_counter() - compile_s - evaluation_s
+    # The merged model's evaluation and its V:N:M check follow the run.
+    left = self.deadline - time.perf_counter() - compile_s - 2 * self.evaluation_seconds - 5.0
     return max(0, min(steps, int(left / step_s)))
 
   def lora_runs(self) -> None:
