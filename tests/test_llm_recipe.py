@@ -301,6 +301,10 @@ def test_study_runs_every_part_resumes_and_reports(setup, tmp_path):
   assert planner.lora_steps() == 3  # the preset's 3 fit
   planner.settings = dataclasses.replace(settings, lora=dataclasses.replace(SETTINGS, steps=999))
   assert 158 <= planner.lora_steps() <= 162
+  study.save_split(split, tmp_path / "tokens.npz")  # what a GPU run reads instead of the text
+  loaded = study.load_split(tmp_path / "tokens.npz")
+  np.testing.assert_array_equal(loaded.train, split.train)
+  np.testing.assert_array_equal(loaded.eval, split.eval)
   table = reports.study_table(again).splitlines()
   assert len(table) == 2 + len(records) and table[2].startswith("| dense | - | 1.0000 |")
   assert reports.plot_study(again, tmp_path / "plot.png").stat().st_size > 1000
