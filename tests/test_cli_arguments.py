@@ -221,7 +221,20 @@ CASES = [
     ("llm", ["lora", "--rank", "0"], "--rank"),
     ("llm", ["lora", "--learning-rate", "0"], "--learning-rate"),
     ("llm", ["lora", "--update-every", "0"], "--update-every"),
-    ("llm", ["lora", "--mask-score", "ria"], "--mask-score"),
+    ("llm", ["lora", "--mask-score", "hessian"], "--mask-score"),
+    ("llm", ["lora", "--dtype", "float16"], "--dtype"),
+    ("llm", ["study", "--preset", "tpu"], "--preset"),
+    ("llm", ["study", "--parts", "grid", "speed"], "--parts"),
+    ("llm", ["study", "--dtype", "int8"], "--dtype"),
+    ("llm", ["study", "--deadline-seconds", "0"], "--deadline-seconds"),
+    ("llm", ["study", "--lora-steps", "1"], "--lora-steps"),
+    ("llm", ["study", "--lora-patterns", "64:2:5", "everything"], "--lora-patterns"),
+    ("llm", ["study", "--tokens", "{missing}"], "--tokens"),
+    ("llm", ["study", "--gguf", "{tiny_gguf}", "--tokens", "{text}"], "--tokens"),
+    ("llm", ["study", "--save-tokens", "{exists}"], "--save-tokens"),
+    ("llm", ["study", "--work-dir", "{text}"], "--work-dir"),
+    ("llm", ["study", "--out-dir", "{text}"], "--out-dir"),
+    ("llm", ["study", "--results", "{dir}"], "--results"),
     ("llm", ["lora", "--seed", "-2"], "--seed"),
     ("llm", ["lora", "--check-tokens", "0"], "--check-tokens"),
     ("llm", ["lora", "--new-tokens", "0"], "--new-tokens"),
@@ -263,7 +276,8 @@ def _prog(entry, argv):
     prog = f"vnm-jax {argv[0]}"
     argv = argv[1:]
   if prog.endswith(("llm", "vnm_recipes.llm")) and argv and argv[0] in ("eval", "prune",
-                                                                        "lora", "report"):
+                                                                        "lora", "report",
+                                                                        "study"):
     prog = f"{prog} {argv[0]}"
   return prog
 

@@ -15,8 +15,9 @@ from vnm_jax.config import VNMConfig
 from vnm_jax.format import compress, decompress
 from vnm_jax.lora import (LoRAAdapter, ThreeStageLoRAState, default_stage_steps, init_lora,
                           lora_params, merge_lora, three_stage_lora)
-from vnm_jax.masks import vnm_mask
-from vnm_jax.trees import tree_configs
+from vnm_jax.masks import is_vnm, vnm_mask
+from vnm_jax.permutation import Permutation
+from vnm_jax.trees import tree_configs, tree_masks
 
 CONFIG = VNMConfig(8, 2, 6)
 RANK, ALPHA = 4, 8.0
@@ -131,6 +132,48 @@ def test_stage_switches_and_mask_recomputation_at_configured_steps():
                                     err_msg=f"mask of {name} after {t} steps")
   assert changes[2] == 0 and changes[3] == 1 and changes[-1] == changes[8] <= 4
   assert masks_seen[-1]["dense1"]["bias"] is None
+
+
+@pytest.mark.parametrize("score", ["wanda"])  # RIA: tests/test_sparse_training.py
+def test_dynamic_masks_are_activation_aware_masks_of_the_effective_kernels(score):
+  base = make_base(4)
+  adapters = init_lora(jax.random.key(5), base, rank=RANK, alpha=ALPHA)
+  configs = tree_configs(base, CONFIG)
+  rng = np.random.default_rng(6)
+  norms = {"dense1/kernel": jnp.asarray(rng.uniform(0.05, 4.0, 37), jnp.float32),
+           "dense2/kernel": jnp.asarray(rng.uniform(0.05, 4.0, 21), jnp.float32)}
+  permutations = {"dense1/kernel": Permutation(rng.permutation(37), rng.permutation(21))}
+  dense, dynamic = 2, 3
+  tx = three_stage_lora(optax.adam(5e-2), configs, total_steps=7, dense_steps=dense,
+                        dynamic_steps=dynamic, score=score, input_norms=norms,
+                        permutations=permutations)
+  step = make_step(tx)
+  state = tx.init(adapters)
+  masks_at_stage_three = None
+  for t in range(1, 8):
+    adapters, state, *_ = step(base, adapters, state, batch(t))
+    if t < dense:
+      continue
+    # Recomputed after steps 2, 3, 4 (stage 2) and 5 (entering stage 3), then fixed.
+    effective = lora_params(base, adapters, None)
+    expected = tree_masks(effective, CONFIG, score=score, input_norms=norms,
+                          permutations=permutations)
+    for name in ("dense1", "dense2"):
+      mask = np.asarray(state.masks[name]["kernel"])
+      assert is_vnm(mask, CONFIG, permutation=permutations.get(f"{name}/kernel")), (t, name)
+      if t <= dense + dynamic:
+        np.testing.assert_array_equal(mask, np.asarray(expected[name]["kernel"]),
+                                      err_msg=f"{name} after {t} steps")
+    if t == dense + dynamic:
+      masks_at_stage_three = state.masks
+  assert int(state.stage) == 3
+  for name in ("dense1", "dense2"):
+    np.testing.assert_array_equal(np.asarray(state.masks[name]["kernel"]),
+                                  np.asarray(masks_at_stage_three[name]["kernel"]))
+  with pytest.raises(ValueError, match="needs input_norms for every sparse leaf; missing "
+                                       "'dense2/kernel'"):
+    three_stage_lora(optax.sgd(1.0), configs, total_steps=8, score=score,
+                     input_norms={"dense1/kernel": norms["dense1/kernel"]})
 
 
 def test_regulariser_only_in_stage_two_and_matches_hand_computed_gradient():

@@ -12,7 +12,8 @@ from flax import nnx
 import vnm_reference as ref
 from vnm_reference import assert_close
 from vnm_jax.config import VNMConfig
-from vnm_jax.masks import vnm_mask
+from vnm_jax.masks import is_vnm, vnm_mask
+from vnm_jax.permutation import Permutation, permute, unpermute
 from vnm_jax.sparse_training import (FixedMaskState, SRSTEState, fixed_mask, sparse_masks,
                                      sparse_params, sr_ste)
 from vnm_jax.trees import tree_masks
@@ -216,6 +217,84 @@ def test_sr_ste_masks_change_and_decay_shrinks_pruned_weights():
     return np.linalg.norm(np.asarray(p["dense1"]["kernel"])[~m])
 
   assert pruned_norm(p_strong, state_strong) < 0.5 * pruned_norm(p_none, state_none)
+
+
+def wanda_inputs(seed):
+  """Input norms and a permutation for dense1/kernel (37, 21)."""
+  rng = np.random.default_rng(seed)
+  norms = {"dense1/kernel": jnp.asarray(rng.uniform(0.05, 4.0, 37), jnp.float32)}
+  permutations = {"dense1/kernel": Permutation(rng.permutation(37), rng.permutation(21))}
+  return norms, permutations
+
+
+@pytest.mark.parametrize("score", ["wanda", "ria"])
+def test_sr_ste_activation_aware_masks_equal_tree_masks(score):
+  params = make_params(3)
+  norms, permutations = wanda_inputs(4)
+  tx = sr_ste(optax.adam(5e-2), configs_for(params), score=score, input_norms=norms,
+              permutations=permutations)
+
+  def expected(p):
+    return np.asarray(tree_masks(p, CONFIG, filter="dense1/kernel$", score=score,
+                                 input_norms=norms, permutations=permutations)["dense1"]["kernel"])
+
+  @jax.jit
+  def step(p, state, x):
+    grads = jax.grad(lambda p: loss_fn(sparse_params(p, state), x))(p)
+    updates, state = tx.update(grads, state, p)
+    return optax.apply_updates(p, updates), state
+
+  p, state = params, tx.init(params)
+  for t in range(5):
+    mask = np.asarray(state.masks["dense1"]["kernel"])
+    # The mask the next forward uses is the one of the current (updated) weights.
+    np.testing.assert_array_equal(mask, expected(p), err_msg=f"after {t} updates")
+    assert is_vnm(mask, CONFIG, permutation=permutations["dense1/kernel"]), t
+    assert state.masks["dense2"]["kernel"] is None
+    p, state = step(p, state, batch(t))
+  assert int(state.mask_changes) > 0
+  # The score matters: the magnitude mask of the same weights is another mask.
+  kernel = np.asarray(p["dense1"]["kernel"], np.float64)
+  assert not np.array_equal(expected(p), np.asarray(vnm_mask(kernel, CONFIG)))
+  if score == "wanda":  # independent check: numpy rule on the permuted |W| * n
+    perm = permutations["dense1/kernel"]
+    scores = np.abs(kernel) * np.asarray(norms["dense1/kernel"], np.float64)[:, None]
+    reference = ref.column_l1_mask(np.asarray(permute(scores, perm)), CONFIG.v, CONFIG.m)
+    np.testing.assert_array_equal(np.asarray(unpermute(reference, perm)), expected(p))
+
+
+def test_sr_ste_score_arguments_are_validated():
+  params = make_params()
+  configs = configs_for(params)
+  norms, permutations = wanda_inputs(0)
+  with pytest.raises(ValueError, match="score='wanda' needs input_norms .*'dense1/kernel'"):
+    sr_ste(optax.sgd(1.0), configs, score="wanda")
+  with pytest.raises(ValueError, match="score='magnitude' does not use them"):
+    sr_ste(optax.sgd(1.0), configs, input_norms=norms)
+  with pytest.raises(ValueError, match="input_norms has entries for 'dense3/kernel', which name"):
+    sr_ste(optax.sgd(1.0), configs, score="wanda",
+           input_norms={**norms, "dense3/kernel": jnp.ones(21)})
+  # Norms of a dense leaf (collect_input_norms records every Linear) are ignored.
+  sr_ste(optax.sgd(1.0), configs, score="wanda",
+         input_norms={**norms, "dense2/kernel": jnp.ones(21)}).init(params)
+  with pytest.raises(ValueError, match="finite and >= 0"):
+    sr_ste(optax.sgd(1.0), configs, score="ria", input_norms={"dense1/kernel": -jnp.ones(37)})
+  with pytest.raises(ValueError, match="score must be one of"):
+    sr_ste(optax.sgd(1.0), configs, score="hessian")
+  with pytest.raises(TypeError, match=r"permutations\['dense1/kernel'\] must be a"):
+    sr_ste(optax.sgd(1.0), configs, permutations={"dense1/kernel": np.arange(37)})
+  with pytest.raises(ValueError, match=r"input_norms\['dense1/kernel'\] has shape \(36,\)"):
+    sr_ste(optax.sgd(1.0), configs, score="wanda",
+           input_norms={"dense1/kernel": jnp.ones(36)}).init(params)
+  bad = {"dense1/kernel": Permutation(np.arange(21), None)}
+  with pytest.raises(ValueError, match=r"permutations\['dense1/kernel'\].*shape \(37,\)"):
+    sr_ste(optax.sgd(1.0), configs, permutations=bad).init(params)
+  # Magnitude with a permutation needs no norms.
+  state = sr_ste(optax.sgd(1.0), configs, permutations=permutations).init(params)
+  np.testing.assert_array_equal(
+      np.asarray(state.masks["dense1"]["kernel"]),
+      np.asarray(vnm_mask(params["dense1"]["kernel"], CONFIG,
+                          permutation=permutations["dense1/kernel"])))
 
 
 def test_transforms_work_on_nnx_state():

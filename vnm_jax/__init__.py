@@ -9,6 +9,7 @@ lower-level building blocks stay importable from their modules:
 the separate package ``vnm_recipes``; this package never imports it.
 """
 
+from vnm_jax.allocation import allocate_configs
 from vnm_jax.benchmarking import MatmulTiming, measure_matmul_speedup
 from vnm_jax.calibration import collect_input_norms
 from vnm_jax.checkpoint import CheckpointError, Checkpointer
@@ -61,8 +62,9 @@ __all__ = (
     "tree_permutations",
     "fold_output_permutation",
     "FoldedPair",
-    # V/M selection.
+    # V/M selection and per-layer allocation.
     "select_vm",
+    "allocate_configs",
     "mask_diversity",
     "measure_speedups",
     "model_gemm_shapes",

@@ -15,7 +15,9 @@ single jitted train step; the stage is a value in the state, not a Python branch
 
 1. dense LoRA: mask all ones, for ``dense_steps`` updates;
 2. sparse LoRA with a dynamic mask, for ``dynamic_steps`` updates: the mask is
-   recomputed every ``update_every`` steps from |W + scale * a @ b|, and the
+   recomputed every ``update_every`` steps from W + scale * a @ b (ranked by
+   ``score``: |.| by default, or Wanda / RIA with the kernels' input norms, and
+   formed on each kernel's channel permutation where one is given), and the
    adapters' gradient gets the chain-rule gradient of
    ``regularization / 2 * ||(W + scale * a @ b) * (1 - M_prev)||^2``, i.e. the
    term ``regularization * (W + s*a@b) * (1 - M_prev)`` added to the gradient of
@@ -44,6 +46,13 @@ Intended use (linen dict or ``nnx.State`` alike)::
 With nnx: ``graphdef, base = nnx.split(model, nnx.Param)`` and the forward is
 ``nnx.merge(graphdef, lora_params(base, adapters, opt_state))(x)``.
 
+Activation-aware masks without reparametrising the model:
+``three_stage_lora(..., score="wanda", input_norms=norms, permutations=perms)`` (norms
+from :func:`vnm_jax.collect_input_norms`, permutations e.g. from
+:func:`vnm_jax.tree_permutations`, both keyed by path): every recomputed mask equals
+``vnm_jax.tree_masks(W + s*a@b, ..., score="wanda", input_norms=norms,
+permutations=perms)``, and the base stays in its own channel order.
+
 A fixed-mask LoRA run (e.g. from a Wanda or permuted one-shot mask) is
 ``three_stage_lora(..., dense_steps=0, dynamic_steps=0, masks=masks)``.
 
@@ -63,9 +72,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vnm_jax._mask_state import check_update_every, find_state, refresh_masks
+from vnm_jax._mask_state import (check_scoring_shapes, check_update_every, find_state,
+                                  mask_scoring, refresh_masks)
 from vnm_jax._tree_util import check_configs, check_masks, flatten_like, is_none, leaf_paths
 from vnm_jax.masks import check_rule
+from vnm_jax.scores import Importance, ScoreFn
 from vnm_jax.trees import PathFilter, path_predicate, path_str
 
 PyTree = Any
@@ -219,7 +230,11 @@ def three_stage_lora(inner: optax.GradientTransformation, configs: PyTree, *,
                      dynamic_steps: int | None = None, update_every: int = 1,
                      regularization: float = DEFAULT_REGULARIZATION,
                      rule: str = "column_l1",
-                     masks: PyTree | None = None) -> optax.GradientTransformationExtraArgs:
+                     masks: PyTree | None = None,
+                     score: Importance | str | ScoreFn = Importance.MAGNITUDE,
+                     input_norms: PyTree | None = None,
+                     permutations: PyTree | None = None
+                     ) -> optax.GradientTransformationExtraArgs:
   """Three-stage sparse LoRA (dense -> dynamic mask -> fixed mask) as one transformation.
 
   The params of this transformation are the adapters (from :func:`init_lora`);
@@ -246,6 +261,19 @@ def three_stage_lora(inner: optax.GradientTransformation, configs: PyTree, *,
     masks: the starting masks (base structure, bool at sparse leaves), required
       when ``dense_steps == 0`` (there is no dense stage to compute them from),
       e.g. ``tree_masks(base, ..., permutations=...)``; not allowed otherwise.
+    score: what the stage-2/3 masks rank the entries of ``W + s*a@b`` by:
+      "magnitude" (the default), "wanda", "ria", an
+      :class:`~vnm_jax.scores.Importance`, or a callable
+      ``(kernel (K, N), norms (K,) | None) -> scores (K, N)``.
+    input_norms: ``{path: (K,) input L2 norms}`` (or a tree of the base's structure),
+      one per sparse kernel; required by "wanda" and "ria". Constants of the transform.
+    permutations: ``{path: Permutation}`` (or a tree): the V:N:M groups of those
+      kernels are formed on permuted channels; base and adapters stay in their order.
+
+  Raises:
+    ValueError/TypeError at construction for bad stage lengths, a bad ``score``,
+    missing norms, or per-path entries that name no sparse kernel; at ``init`` for
+    norms or permutations that do not fit their kernel.
 
   Returns:
     A GradientTransformationExtraArgs with state :class:`ThreeStageLoRAState`;
@@ -275,6 +303,7 @@ def three_stage_lora(inner: optax.GradientTransformation, configs: PyTree, *,
   check_rule(rule)
   if not regularization >= 0:
     raise ValueError(f"regularization must be >= 0, got {regularization!r}.")
+  scoring = mask_scoring(configs, score, input_norms, permutations, "three_stage_lora")
   sparse_start = dense_steps + dynamic_steps  # first step of stage 3
 
   def stage_of(step):
@@ -291,6 +320,8 @@ def three_stage_lora(inner: optax.GradientTransformation, configs: PyTree, *,
         raise ValueError(f"configs{path} = {config} but adapters{path} is None: three_stage_lora "
                          f"trains sparse kernels through their adapters. Add an adapter there "
                          f"(init_lora's filter) or keep the kernel dense in configs.")
+    check_scoring_shapes(scoring, [None if a is None else (a.a.shape[0], a.b.shape[1])
+                                   for a in adapter_leaves], "three_stage_lora")
     if masks is None:
       first = [None if c is None else jnp.ones((a.a.shape[0], a.b.shape[1]), jnp.bool_)
                for c, a in zip(config_leaves, adapter_leaves)]
@@ -359,7 +390,7 @@ def three_stage_lora(inner: optax.GradientTransformation, configs: PyTree, *,
                & ((step - dense_steps) % update_every == 0)) | (step == sparse_start)
     new_masks, mask_changes, flip_rate = refresh_masks(
         refresh if sparse_start > 0 else False, effective_weights, config_leaves, rule,
-        mask_leaves, state.mask_changes, state.flip_rate)
+        mask_leaves, state.mask_changes, state.flip_rate, scoring)
     return updates, ThreeStageLoRAState(step=step, stage=stage_of(step),
                                         masks=treedef.unflatten(new_masks),
                                         mask_changes=mask_changes, flip_rate=flip_rate,

@@ -16,12 +16,17 @@ outside jit, where the values are known.
 from __future__ import annotations
 
 import enum
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from vnm_jax.masks import as_array, check_kernel_shape
+
+
+# A score callable: (kernel_2d (K, N), input_norms (K,) or None) -> scores (K, N).
+ScoreFn = Callable[[jax.Array, "jax.Array | None"], jax.Array]
 
 
 class Importance(enum.Enum):
@@ -87,13 +92,15 @@ def _check_input_norms(input_norms, kernel: jax.Array) -> jax.Array:
   if not jnp.issubdtype(input_norms.dtype, jnp.floating):
     input_norms = input_norms.astype(jnp.float32)
   if not isinstance(input_norms, jax.core.Tracer):
-    bad = int(jnp.sum(~jnp.isfinite(input_norms)))
+    # numpy, not jnp: inside a jit trace, jnp ops on a concrete constant give tracers.
+    values = np.asarray(input_norms)
+    bad = int(np.sum(~np.isfinite(values)))
     if bad:
       raise ValueError(f"input_norms contains {bad} NaN or infinite entries; activation norms "
                        f"must be finite.")
-    if bool(jnp.any(input_norms < 0)):
+    if bool(np.any(values < 0)):
       raise ValueError(f"input_norms contains negative entries (min "
-                       f"{float(input_norms.min()):.4g}); L2 norms are >= 0.")
+                       f"{float(values.min()):.4g}); L2 norms are >= 0.")
   return input_norms
 
 
@@ -165,3 +172,19 @@ def importance_scores(kernel: jax.Array, importance: Importance | str,
   if importance is Importance.WANDA:
     return wanda_score(kernel, input_norms)
   return ria_score(kernel, input_norms)
+
+
+def score_function(score: Importance | str | ScoreFn) -> tuple[ScoreFn, Importance | None]:
+  """``(fn, importance)`` of a ``score=`` argument: a built-in name or a callable.
+
+  ``fn(kernel_2d, input_norms_or_None) -> scores_2d``; ``importance`` is the parsed
+  :class:`Importance` for a built-in score and None for a callable.
+
+  Raises:
+    TypeError/ValueError: ``score`` is neither an Importance, one of its names, nor
+      a callable.
+  """
+  if callable(score) and not isinstance(score, (str, Importance)):
+    return score, None
+  importance = Importance.parse(score)
+  return (lambda matrix, norms: importance_scores(matrix, importance, norms)), importance

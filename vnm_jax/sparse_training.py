@@ -45,6 +45,12 @@ SR-STE (dynamic mask, dense weights kept)::
 
     pruned = sparse_params(params, opt_state)   # at the end: the V:N:M model
 
+The recomputed masks rank entries by ``score`` (as :func:`vnm_jax.tree_masks` does):
+``sr_ste(inner, configs, score="wanda", input_norms=norms, permutations=perms)`` keeps
+activation-aware masks formed on permuted channels at every recompute, with the dense
+weights in their own coordinates (``norms`` from :func:`vnm_jax.collect_input_norms`,
+``perms`` e.g. from :func:`vnm_jax.tree_permutations`; both keyed by path).
+
 ``opt_state.mask_changes`` and ``opt_state.flip_rate`` are for logging. To switch
 optimizers between stages, carry the masks over:
 ``fixed_mask(new_inner, sparse_masks(old_state))``.
@@ -68,9 +74,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vnm_jax._mask_state import check_update_every, compute_masks, find_state, refresh_masks
+from vnm_jax._mask_state import (check_scoring_shapes, check_update_every, compute_masks,
+                                  find_state, mask_scoring, refresh_masks)
 from vnm_jax._tree_util import check_configs, check_masks
 from vnm_jax.masks import check_rule
+from vnm_jax.scores import Importance, ScoreFn
 
 PyTree = Any
 
@@ -192,8 +200,10 @@ def fixed_mask(inner: optax.GradientTransformation,
 
 
 def sr_ste(inner: optax.GradientTransformation, configs: PyTree, *,
-           decay: float = SR_STE_DECAY, update_every: int = 1,
-           rule: str = "column_l1") -> optax.GradientTransformationExtraArgs:
+           decay: float = SR_STE_DECAY, update_every: int = 1, rule: str = "column_l1",
+           score: Importance | str | ScoreFn = Importance.MAGNITUDE,
+           input_norms: PyTree | None = None,
+           permutations: PyTree | None = None) -> optax.GradientTransformationExtraArgs:
   """SR-STE dynamic sparse training (sparse-refined straight-through estimator).
 
   The dense weights W are trained. The forward uses ``W * mask`` through
@@ -211,6 +221,19 @@ def sr_ste(inner: optax.GradientTransformation, configs: PyTree, *,
     decay: lambda of the sparse-refined term (2e-4 in SR-STE), >= 0.
     update_every: k, recompute the masks after every k-th update (1 = every step).
     rule: the mask rule, "column_l1" or "exhaustive" (see ``vnm_mask``).
+    score: what the masks rank entries by: "magnitude" (|W|, the default), "wanda"
+      (|W| * input norm), "ria", an :class:`~vnm_jax.scores.Importance`, or a callable
+      ``(kernel (K, N), norms (K,) | None) -> scores (K, N)``.
+    input_norms: ``{path: (K,) input L2 norms}`` (or a tree of the params' structure),
+      one per sparse leaf; required by "wanda" and "ria". Constants of the transform.
+    permutations: ``{path: Permutation}`` (or a tree) for sparse leaves whose V:N:M
+      groups are formed on permuted channels (``vnm_mask(..., permutation=p)``); the
+      weights stay in their own order.
+
+  Raises:
+    ValueError/TypeError at construction for a bad ``score``, missing norms, or per-path
+    entries that name no sparse leaf; at ``init`` for norms or permutations that do not
+    fit their kernel.
 
   Returns:
     A GradientTransformationExtraArgs with state :class:`SRSTEState`; ``init``
@@ -221,10 +244,13 @@ def sr_ste(inner: optax.GradientTransformation, configs: PyTree, *,
   check_rule(rule)
   if not decay >= 0:
     raise ValueError(f"decay must be >= 0 (lambda of the SR-STE term), got {decay!r}.")
+  scoring = mask_scoring(configs, score, input_norms, permutations, "sr_ste")
 
   def init_fn(params):
     config_leaves = check_configs(configs, params)
-    masks = compute_masks(jax.tree_util.tree_leaves(params), config_leaves, rule)
+    leaves = jax.tree_util.tree_leaves(params)
+    check_scoring_shapes(scoring, [jnp.shape(w) for w in leaves], "sr_ste")
+    masks = compute_masks(leaves, config_leaves, rule, scoring)
     return SRSTEState(step=jnp.zeros((), jnp.int32),
                       masks=jax.tree_util.tree_structure(params).unflatten(masks),
                       mask_changes=jnp.zeros((), jnp.int32), flip_rate=jnp.zeros((), jnp.float32),
@@ -245,7 +271,7 @@ def sr_ste(inner: optax.GradientTransformation, configs: PyTree, *,
     masks, mask_changes, flip_rate = refresh_masks(
         True if update_every == 1 else step % update_every == 0,
         lambda: jax.tree_util.tree_leaves(optax.apply_updates(params, updates)),
-        config_leaves, rule, mask_leaves, state.mask_changes, state.flip_rate)
+        config_leaves, rule, mask_leaves, state.mask_changes, state.flip_rate, scoring)
     return updates, SRSTEState(step=step, masks=treedef.unflatten(masks),
                                mask_changes=mask_changes, flip_rate=flip_rate,
                                inner_state=inner_state)

@@ -42,10 +42,9 @@ from vnm_jax._tree_util import (canonical_path, compile_patterns, compile_regex,
                                 first_match, preview, shape_of)
 from vnm_jax.masks import Rule, as_matrix, check_kernel_shape, check_rule, from_matrix, vnm_mask
 from vnm_jax.permutation import Permutation, permute, unpermute, validate_permutation
-from vnm_jax.scores import Importance, importance_scores
+from vnm_jax.scores import Importance, ScoreFn, importance_scores, score_function
 
 PathFilter = str | Callable[[str, Any], bool]
-ScoreFn = Callable[[jax.Array, "jax.Array | None"], jax.Array]
 
 # Paths the default filter keeps dense: token/position embeddings, normalization
 # layers, output heads (head, lm_head, *_head) and classifiers. Case-insensitive.
@@ -207,13 +206,6 @@ def tree_configs(params, config: VNMConfig | str | None, *, filter: PathFilter |
   return jax.tree_util.tree_unflatten(treedef, [cfg for _, _, cfg in plan])
 
 
-def _score_fn(score) -> tuple[ScoreFn, Importance | None]:
-  if callable(score) and not isinstance(score, (str, Importance)):
-    return score, None
-  importance = Importance.parse(score)
-  return (lambda matrix, norms: importance_scores(matrix, importance, norms)), importance
-
-
 def _leaf_scores(path, leaf, axes, score_fn, importance, norms, given_norm_paths):
   """Scores of one kernel: ``score_fn`` on its 2D (in, out) view, back in its shape."""
   matrix = as_matrix(jnp.asarray(leaf), axes)
@@ -300,7 +292,7 @@ def tree_masks(params, config: VNMConfig | str | None, *, filter: PathFilter | N
     checks on values (NaN, negative) then only run on concrete inputs.
   """
   check_rule(rule)
-  score_fn, importance = _score_fn(score)
+  score_fn, importance = score_function(score)
   plan, treedef = _plan(params, config, filter, configs)
   axes_patterns = compile_patterns(in_axes, "in_axes", lambda value, _: value)
   paths = {canonical_path(path) for path, _, _ in plan}

@@ -3,9 +3,7 @@
 Data: the text of `pydoc_data.topics` (see `vnm_recipes.data.text`). Its last 20,480 tokens are
 the held-out split; everything before is the training split, from which the calibration
 windows and the LoRA batches are drawn. Perplexity uses non-overlapping 512-token windows on
-the last `--eval-tokens` tokens of the held-out split (all of it by default; the one-shot
-grid in bench/RESULTS.md uses a smaller slice to fit a shared 2-core CPU, with the dense
-number measured on the same slice).
+the last `--eval-tokens` tokens of the held-out split (all 20,480 = 40 windows by default).
 
 Recipes (every pruned kernel is one of the seven projections of each block; the embedding,
 the tied head and the norms stay dense):
@@ -15,11 +13,13 @@ the tied head and the norms stay dense):
   that maximises the kept score, applied to the weights.
 - three-stage LoRA (`vnm_jax.lora.three_stage_lora`): dense LoRA, sparse LoRA with a mask
   recomputed every k steps, sparse LoRA with a fixed mask, then the merge
-  (W + s*a@b) * mask. `three_stage_lora` recomputes masks from |W + s*a@b|; to recompute
-  Wanda masks (and masks in permuted channel order) instead, the frozen kernels are stored
-  reparametrised as `permute(W * n[:, None])`, where n are the kernel's calibration input
-  norms divided by their mean: the magnitude of the stored kernel is then the Wanda score of
-  the effective one, and the forward maps back exactly with `unpermute(.) / n[:, None]`.
+  (W + s*a@b) * mask. The recomputed masks are Wanda (or RIA, or magnitude) masks of
+  W + s*a@b with the calibration input norms, formed on each kernel's channel permutation
+  (`three_stage_lora(score=, input_norms=, permutations=)`); the frozen base is bfloat16 on a
+  GPU (float32 logits, loss and adapters) and float32 on the CPU, and with several devices
+  the step is data-parallel under a `jax.sharding.Mesh`.
+- per-layer allocation: the calibration loss increase from pruning each kernel alone with
+  each candidate config, then `vnm_jax.allocate_configs` at a given average density.
 - compression: `vnm_jax.layers.convert_to_vnm` compresses the merged kernels with their masks
   and permutations; every pruned projection then runs `vnm_jax.matmul.vnm_matmul` through a
   `VNMLinear` layer. The compressed model's logits are checked against the
@@ -27,9 +27,11 @@ the tied head and the norms stay dense):
 - export: the pruned weights as .safetensors with the GGUF tensor names and (out, in) layout.
 
 Modules: `presets` (the run settings), `pruning` (one-shot masks and permutations),
-`training` (three-stage LoRA on reparametrised kernels), `compression` (the compressed
-model and its checks), `evaluation` (perplexity), `reports` (the results file and its
-table), `cli` (the commands below, also `vnm-jax llm ...`).
+`training` (three-stage LoRA, dtype and data-parallel mesh), `allocation` (sensitivities and
+the per-layer allocation), `study` (the whole perplexity-against-density study and its
+presets), `compression` (the compressed model and its checks), `evaluation` (perplexity),
+`reports` (the results file, its tables and the plot), `cli` (the commands below, also
+`vnm-jax llm ...`).
 
 Commands (each appends JSON records to --results, default runs/llm/results.jsonl):
 
@@ -40,4 +42,5 @@ Commands (each appends JSON records to --results, default runs/llm/results.jsonl
     python -m vnm_recipes.llm lora --pattern 64:2:5 --steps 60 --eval-tokens 4096 \\
         --compress --export runs/llm/smollm2-64-2-5.safetensors
     python -m vnm_recipes.llm report                     # markdown table of the records
+    python -m vnm_recipes.llm study --preset cpu         # the whole study (~60 min, 2 cores)
 """

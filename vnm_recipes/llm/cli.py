@@ -2,12 +2,15 @@
 
 The command line of the LLM recipe (`python -m vnm_recipes.llm COMMAND` or
 `vnm-jax llm COMMAND`): `fetch` downloads the model once, `eval`, `prune` and `lora`
-append JSON records to --results, `report` prints their table. See `vnm_recipes.llm`.
+append JSON records to --results, `report` prints their table, `study` runs the whole
+perplexity-against-density study (`vnm_recipes.llm.study`) and writes its table and plot.
+See `vnm_recipes.llm`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -26,16 +29,22 @@ from vnm_recipes.checks import (SCORES, ArgumentParser, BadArgument, config_argu
                                 default_gguf, existing_file_argument, gguf_argument,
                                 new_file_argument,
                                 nonempty_text_argument, nonnegative_int_argument,
-                                output_file_argument, positive_float_argument,
-                                positive_int_argument, settings_from_arguments, usage_errors)
+                                output_dir_argument, output_file_argument,
+                                positive_float_argument, positive_int_argument,
+                                settings_from_arguments, usage_errors)
 from vnm_recipes.data.text import WINDOW, TokenSplit, calibration_batches, split_pydoc_topics
 from vnm_recipes.llm.compression import compress_llama, compressed_bytes, compression_check
 from vnm_recipes.llm.evaluation import evaluate_perplexity
 from vnm_recipes.llm.presets import DEFAULT_RESULTS, PERMUTE_CHOICES, LoRASettings
 from vnm_recipes.llm.pruning import kernel_scores, one_shot_masks, search_permutations
-from vnm_recipes.llm.reports import append_record, read_records, results_table
+from vnm_recipes.llm.reports import (append_record, plot_study, read_records, results_table,
+                                     study_table)
+from vnm_recipes.llm.study import ALLOCATION, PARTS, PRESETS, load_split, run_study, save_split
 from vnm_recipes.llm.training import train_three_stage_lora
 from vnm_recipes.models.llama import PRUNABLE_PATTERN, Llama, generate_greedy
+
+DTYPES = {"auto": None, "float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DEFAULT_STUDY_DIR = Path("runs/llm_study")
 
 
 def fetch_smollm2_gguf(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -136,14 +145,14 @@ def _run_prune(args):
 def _run_lora(args):
   model, tokenizer, split, eval_tokens = _load(args)
   config, settings = args.pattern, args.settings
-  norms = _input_norms(model, split, args) if settings.mask_score == "wanda" else None
+  norms = _input_norms(model, split, args) if settings.mask_score != "magnitude" else None
   permutations = None
   if args.permute:
     scores = kernel_scores(nnx.state(model), settings.mask_score, norms)
     permutations = search_permutations(scores, config,
                                        seconds_per_kernel=args.permutation_seconds)
   result = train_three_stage_lora(model, split.train, config, settings, input_norms=norms,
-                                  permutations=permutations)
+                                  permutations=permutations, dtype=DTYPES[args.dtype])
   graphdef = nnx.graphdef(model)
   merged = nnx.merge(graphdef, result.params)
   if not all(is_vnm(mask, config, permutation=(permutations or {}).get(path))
@@ -156,7 +165,8 @@ def _run_lora(args):
                 batch_size=settings.batch_size, sequence_length=settings.sequence_length,
                 tokens=result.tokens, train_seconds=result.seconds, rank=settings.rank,
                 learning_rate=settings.learning_rate, first_loss=result.losses[0],
-                last_loss=float(np.mean(result.losses[-5:])))
+                last_loss=float(np.mean(result.losses[-5:])), dtype=result.dtype,
+                lora_devices=result.devices)
   if args.compress:
     compressed = compress_llama(merged, config, result.masks, permutations)
     check = compression_check(merged, compressed, eval_tokens[None, :args.check_tokens])
@@ -177,6 +187,58 @@ def _run_lora(args):
   _record(args, **record)
 
 
+def _study_split(args) -> tuple[Any, TokenSplit]:
+  """The GGUF's reader and the token split, checked before the weights are read."""
+  path = args.gguf or default_gguf()
+  try:
+    reader = gguf.open_gguf(path)
+    gguf.read_llama_config(reader)
+  except ValueError as error:
+    raise BadArgument("--gguf", str(error)) from None
+  if args.tokens is not None:
+    try:
+      split = load_split(args.tokens)
+    except (ValueError, KeyError, OSError) as error:
+      raise BadArgument("--tokens", f"{str(args.tokens)!r} is not a .npz with int 'train' and "
+                                    f"'eval' token arrays: {error}") from None
+  else:
+    split = split_pydoc_topics(gguf.load_tokenizer(reader))
+  settings = PRESETS[args.preset]
+  if not WINDOW <= settings.eval_tokens <= len(split.eval):
+    raise BadArgument("--tokens", f"holds {len(split.eval)} held-out tokens; preset "
+                                  f"{args.preset!r} evaluates on {settings.eval_tokens}")
+  return reader, split
+
+
+def _run_study(args):
+  reader, split = _study_split(args)
+  if args.save_tokens is not None:
+    save_split(split, args.save_tokens)
+    print(args.save_tokens)
+    return
+  start = time.perf_counter()
+  model, _ = gguf.load_llama(args.gguf or default_gguf(), reader=reader)
+  settings = PRESETS[args.preset]
+  if args.lora_steps is not None:
+    settings = dataclasses.replace(settings, lora=dataclasses.replace(settings.lora,
+                                                                      steps=args.lora_steps))
+  if args.lora_patterns is not None:
+    settings = dataclasses.replace(settings, lora_patterns=tuple(args.lora_patterns))
+  deadline = (None if args.deadline_seconds is None
+              else args.deadline_seconds - (time.perf_counter() - start))
+  records = run_study(settings, model, split, work_dir=args.work_dir, results=args.results,
+                      parts=args.parts, dtype=DTYPES[args.dtype], deadline_s=deadline,
+                      log=lambda line: print(line, flush=True))
+  args.out_dir.mkdir(parents=True, exist_ok=True)
+  table = study_table(records)
+  (args.out_dir / "study.md").write_text(table + "\n")
+  last = records[-1]
+  plot_study(records, args.out_dir / "perplexity_vs_density.png",
+             title=f"SmolLM2-135M, preset {args.preset}: {last['eval_tokens']} held-out tokens, "
+                   f"{last['dtype']} on {last['backend']}")
+  print(table)
+
+
 def _run_fetch(args):
   print(fetch_smollm2_gguf())
 
@@ -192,6 +254,11 @@ def _run_report(args):
   except (KeyError, TypeError) as error:
     raise BadArgument("--results", f"{str(args.results)!r}: a record lacks the field {error} "
                                    f"(write records with `eval`, `prune` or `lora`)") from None
+
+
+def _lora_pattern_argument(text: str) -> str:
+  """argparse type: a V:N:M pattern or "allocation" (the study's allocation LoRA run)."""
+  return text if text == ALLOCATION else str(config_argument(text))
 
 
 def _parse_args(argv: Sequence[str] | None, prog: str) -> argparse.Namespace:
@@ -227,7 +294,10 @@ def _parse_args(argv: Sequence[str] | None, prog: str) -> argparse.Namespace:
   lora.add_argument("--learning-rate", type=positive_float_argument,
                     default=defaults.learning_rate)
   lora.add_argument("--update-every", type=positive_int_argument, default=defaults.update_every)
-  lora.add_argument("--mask-score", choices=["wanda", "magnitude"], default=defaults.mask_score)
+  lora.add_argument("--mask-score", choices=SCORES, default=defaults.mask_score,
+                    help="the importance the stage-2/3 masks rank W + s*a@b by")
+  lora.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
+                    help="the frozen base's dtype (auto: bfloat16 on a GPU, else float32)")
   lora.add_argument("--permute", action="store_true", help="search channel permutations first")
   lora.add_argument("--seed", type=nonnegative_int_argument, default=defaults.seed)
   lora.add_argument("--compress", action="store_true",
@@ -238,6 +308,33 @@ def _parse_args(argv: Sequence[str] | None, prog: str) -> argparse.Namespace:
   lora.add_argument("--new-tokens", type=positive_int_argument, default=32)
   lora.add_argument("--export", type=new_file_argument(".safetensors"),
                     help="write the merged weights to this new .safetensors file")
+  study = commands.add_parser("study", help="perplexity against density: one-shot, "
+                              "permutation, per-layer allocation, three-stage LoRA")
+  study.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                     help="cpu: the reduced schedule (~60 min on 2 cores); gpu: one H200")
+  study.add_argument("--gguf", type=gguf_argument,
+                     help="GGUF file (default: found by vnm_recipes.gguf)")
+  study.add_argument("--tokens", type=existing_file_argument,
+                     help="a .npz with 'train' and 'eval' tokens (default: tokenize the text)")
+  study.add_argument("--save-tokens", type=new_file_argument(".npz"),
+                     help="write the token split to this new .npz and stop")
+  study.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+  study.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
+                     help="evaluation and LoRA dtype (auto: bfloat16 on a GPU, else float32)")
+  study.add_argument("--deadline-seconds", type=positive_float_argument,
+                     help="wall-clock budget; LoRA runs are shortened to fit")
+  study.add_argument("--lora-steps", type=positive_int_argument,
+                     help="steps of every LoRA run (default: the preset's)")
+  study.add_argument("--lora-patterns", nargs="+", type=_lora_pattern_argument,
+                     help="the LoRA runs (patterns or 'allocation'; default: the preset's), "
+                          "e.g. to split a run into chunks")
+  study.add_argument("--work-dir", type=output_dir_argument,
+                     default=str(DEFAULT_STUDY_DIR / "work"),
+                     help="cache of input norms, permutations, sensitivities, allocations")
+  study.add_argument("--results", type=output_file_argument,
+                     default=str(DEFAULT_STUDY_DIR / "results.jsonl"))
+  study.add_argument("--out-dir", type=output_dir_argument, default=str(DEFAULT_STUDY_DIR),
+                     help="where study.md and perplexity_vs_density.png go")
   report = commands.add_parser("report", help="markdown table of the results file")
   report.add_argument("--results", type=existing_file_argument, default=str(DEFAULT_RESULTS))
   args = parser.parse_args(argv)
@@ -248,6 +345,10 @@ def _parse_args(argv: Sequence[str] | None, prog: str) -> argparse.Namespace:
           "sequence_length": args.sequence_length, "rank": args.rank,
           "learning_rate": args.learning_rate, "update_every": args.update_every,
           "mask_score": args.mask_score, "seed": args.seed})
+  if args.command == "study" and args.lora_steps is not None:
+    with usage_errors(f"{prog} study"):
+      settings_from_arguments(LoRASettings, {"steps": args.lora_steps},
+                              options={"steps": "--lora-steps"})
   return args
 
 
@@ -255,7 +356,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m vnm_recipes.l
   """Runs one command; a bad argument exits with status 2 and one line naming it."""
   args = _parse_args(argv, prog)
   run: Callable = {"fetch": _run_fetch, "eval": _run_eval, "prune": _run_prune,
-                   "lora": _run_lora, "report": _run_report}[args.command]
+                   "lora": _run_lora, "report": _run_report, "study": _run_study}[args.command]
   with usage_errors(f"{prog} {args.command}"):
     run(args)
   return 0

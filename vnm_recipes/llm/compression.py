@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -10,16 +11,19 @@ import numpy as np
 from flax import nnx
 
 from vnm_jax import Permutation, VNMConfig, VNMLinear, convert_to_vnm
+from vnm_jax.allocation import allocation_patterns
 from vnm_recipes.models.llama import Llama
 
 
-def compress_llama(model: Llama, config: VNMConfig, masks: dict[str, jax.Array],
+def compress_llama(model: Llama, config: VNMConfig | str | Mapping[str, VNMConfig | str],
+                   masks: dict[str, jax.Array],
                    permutations: dict[str, Permutation] | None = None) -> Llama:
   """A copy of `model` whose masked projections are `vnm_jax.layers.VNMLinear` layers.
 
   Args:
     model: a Llama whose prunable kernels are already multiplied by their masks.
-    config: the V:N:M pattern of the masks.
+    config: the V:N:M pattern of the masks, or {path: config} per kernel (a per-layer
+      allocation).
     masks: {path: bool (in, out) mask} of every prunable kernel (V:N:M after permutation).
     permutations: {path: Permutation} of the masks (None: identity).
 
@@ -27,6 +31,8 @@ def compress_llama(model: Llama, config: VNMConfig, masks: dict[str, jax.Array],
     The compressed model (every pruned projection runs `vnm_matmul`); `model` is not
     modified.
   """
+  if isinstance(config, Mapping):
+    config = allocation_patterns(config)
   return convert_to_vnm(nnx.clone(model), masks, config, permutations=permutations)
 
 

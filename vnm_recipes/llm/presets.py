@@ -9,6 +9,7 @@ from vnm_recipes.checks import check_positive_ints
 
 DEFAULT_RESULTS = Path("runs/llm/results.jsonl")
 PERMUTE_CHOICES = {"no": (False,), "yes": (True,), "both": (False, True)}
+MASK_SCORES = ("wanda", "ria", "magnitude")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +28,8 @@ class LoRASettings:
     update_every: k, steps between mask recomputations in stage 2.
     regularization: lambda of stage 2 on the entries the previous mask pruned.
     search_share: share of the steps spent in stages 1 + 2 (the paper: at most 0.1).
-    mask_score: "wanda" or "magnitude": the importance the stage-2/3 masks are computed from.
+    mask_score: "wanda", "ria" or "magnitude": the importance the stage-2/3 masks rank the
+      entries of W + s*a@b by (`vnm_jax.three_stage_lora(score=...)`).
     seed: seed of the adapters' init and of the batch positions.
   """
 
@@ -46,15 +48,18 @@ class LoRASettings:
 
   def __post_init__(self):
     check_positive_ints(self, ("steps", "batch_size", "rank", "update_every"))
+    if self.steps < 2:
+      raise ValueError(f"LoRASettings.steps must be >= 2 (stage 1 and stage 2 take one step "
+                       f"each at least), got {self.steps}")
     if isinstance(self.sequence_length, bool) or not isinstance(self.sequence_length, int) \
         or self.sequence_length < 2:
       raise ValueError(f"LoRASettings.sequence_length must be an int >= 2, got "
                        f"{self.sequence_length!r}")
     if not 0.0 <= self.search_share <= 1.0:
       raise ValueError(f"LoRASettings.search_share must be in [0, 1], got {self.search_share!r}")
-    if self.mask_score not in ("wanda", "magnitude"):
-      raise ValueError(f"LoRASettings.mask_score must be 'wanda' or 'magnitude' (the "
-                       f"reparametrisation cannot express RIA), got {self.mask_score!r}")
+    if self.mask_score not in MASK_SCORES:
+      raise ValueError(f"LoRASettings.mask_score must be one of {MASK_SCORES}, got "
+                       f"{self.mask_score!r}")
 
   def stage_steps(self) -> tuple[int, int]:
     """(dense_steps, dynamic_steps): stages 1 and 2, at least one step each."""

@@ -17,7 +17,8 @@ of width D, feature i is rotated together with feature i + D/2 by the angle
 position * rope_base ** (-2i / D). (llama.cpp pairs adjacent features instead and
 stores its query/key rows permuted to match; `vnm_recipes.gguf` undoes that permutation.)
 
-Shapes: tokens are int (batch, length); logits are (batch, length, vocab_size).
+Shapes: tokens are int (batch, length); logits are float32 (batch, length, vocab_size) for
+any parameter dtype (the head accumulates in float32).
 """
 
 from __future__ import annotations
@@ -262,10 +263,16 @@ class Llama(nnx.Module):
                        f"{tokens.dtype} and shape {tuple(tokens.shape)}")
 
   def _logits(self, x: jax.Array) -> jax.Array:
+    """float32 logits whatever the parameter dtype: a bf16 model's loss and perplexity are
+    taken on logits accumulated in float32 (a bf16 logit of 30 is only good to 0.125)."""
     x = self.final_norm(x)
     if self.lm_head is None:
-      return self.embed.attend(x)
-    return self.lm_head(x)
+      head = self.embed.embedding[...].T
+    elif isinstance(self.lm_head, nnx.Linear):
+      head = self.lm_head.kernel[...]
+    else:  # a replaced head (e.g. a compressed layer) computes its own product
+      return self.lm_head(x).astype(jnp.float32)
+    return jnp.matmul(x, head, preferred_element_type=jnp.float32).astype(jnp.float32)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     """Next-token logits of whole sequences (no cache).
@@ -274,7 +281,7 @@ class Llama(nnx.Module):
       tokens: int (batch, length), positions 0 .. length - 1.
 
     Returns:
-      (batch, length, vocab_size): logits[:, t] scores the token at position t + 1.
+      float32 (batch, length, vocab_size): logits[:, t] scores the token at position t + 1.
     """
     self._check_tokens(tokens)
     x = self.embed(tokens)
