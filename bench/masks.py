@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from vnm_jax import VNMConfig, vnm_mask
+from vnm_jax.masks import RULES
+from vnm_recipes.checks import ArgumentParser, config_argument, positive_int_argument
 
 
 def time_mask(kernel: jax.Array, config: VNMConfig, rule: str, repeats: int) -> tuple[float, float]:
@@ -31,13 +33,15 @@ def time_mask(kernel: jax.Array, config: VNMConfig, rule: str, repeats: int) -> 
 
 
 def main(argv=None) -> list[dict]:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  parser.add_argument("--shape", type=int, nargs=2, default=(4096, 11008), metavar=("IN", "OUT"))
-  parser.add_argument("--config", default="64:2:8")
-  parser.add_argument("--rules", nargs="+", default=["column_l1", "exhaustive"])
-  parser.add_argument("--repeats", type=int, default=3)
+  parser = ArgumentParser(prog="python bench/masks.py", description=__doc__,
+                          formatter_class=argparse.RawTextHelpFormatter)
+  parser.add_argument("--shape", type=positive_int_argument, nargs=2, default=(4096, 11008),
+                      metavar=("IN", "OUT"))
+  parser.add_argument("--config", type=config_argument, default=VNMConfig.parse("64:2:8"))
+  parser.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES))
+  parser.add_argument("--repeats", type=positive_int_argument, default=3)
   args = parser.parse_args(argv)
-  config = VNMConfig.parse(args.config)
+  config = args.config
   kernel = jax.random.normal(jax.random.key(0), tuple(args.shape), jnp.float32)
   rows = []
   print(f"| kernel (in, out) | config | rule | first call (s) | median (s) |")

@@ -29,6 +29,12 @@ import numpy as np
 from vnm_jax.config import VNMConfig
 from vnm_jax.permutation_search import (find_permutation, kept_score,
                                         unstructured_kept_score)
+from vnm_jax.permutation_search.search import METHODS
+from vnm_recipes.checks import (ArgumentParser, choice_argument, comma_list_argument,
+                                config_argument, default_gguf, gguf_argument,
+                                nonnegative_float_argument,
+                                output_file_argument, positive_float_argument,
+                                usage_errors)
 
 BLOCKS = (2, 10, 20)
 TENSORS = ("attn_q", "attn_k", "attn_output", "ffn_up", "ffn_down")
@@ -147,23 +153,35 @@ def markdown(results: list[dict], large: list[dict], load: tuple) -> str:
   return "\n".join(lines)
 
 
+def _budget_argument(text: str) -> float | None:
+  """A --large-budgets item: "none" or a number of seconds > 0."""
+  return None if text == "none" else positive_float_argument(text)
+
+
 def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--configs", default="64:2:5,64:2:8,2:4")
-  parser.add_argument("--methods", default="paper,cocluster")
-  parser.add_argument("--time-budget-s", type=float, default=None,
+  parser = ArgumentParser(prog="python bench/permutation.py", description=__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--configs", type=comma_list_argument(config_argument),
+                      default="64:2:5,64:2:8,2:4")
+  parser.add_argument("--methods", type=comma_list_argument(choice_argument(METHODS)),
+                      default="paper,cocluster")
+  parser.add_argument("--time-budget-s", type=positive_float_argument, default=None,
                       help="per-layer search budget for the quality table (default: none)")
-  parser.add_argument("--tolerance", type=float, default=5e-4,
+  parser.add_argument("--tolerance", type=nonnegative_float_argument, default=5e-4,
                       help="find_permutation's stopping tolerance (default %(default)s)")
-  parser.add_argument("--large-budgets", default="none,100",
+  parser.add_argument("--large-budgets", type=comma_list_argument(_budget_argument),
+                      default="none,100",
                       help="time budgets for the 4096 x 4096 run ('none' = until converged)")
   parser.add_argument("--skip-large", action="store_true")
-  parser.add_argument("--gguf", default=None, help="path of the SmolLM2 GGUF file")
-  parser.add_argument("--json", default=None, help="also write the results here")
+  parser.add_argument("--gguf", type=gguf_argument, default=None,
+                      help="path of the SmolLM2 GGUF file")
+  parser.add_argument("--json", type=output_file_argument, default=None,
+                      help="also write the results here (an existing file is replaced)")
   args = parser.parse_args(argv)
-  configs = [VNMConfig.parse(c) for c in args.configs.split(",")]
-  methods = args.methods.split(",")
+  configs, methods = args.configs, args.methods
+  if args.gguf is None:
+    with usage_errors(parser.prog):
+      args.gguf = default_gguf()
   print(f"load average at start: {os.getloadavg()}", flush=True)
   layers = load_layers(args.gguf)
   results = quality(layers, configs, methods, args.time_budget_s, args.tolerance)
@@ -172,8 +190,7 @@ def main(argv=None) -> dict:
       row["shape"] = "x".join(map(str, layers[name].shape))
   large = []
   if not args.skip_large:
-    budgets = [None if b == "none" else float(b) for b in args.large_budgets.split(",")]
-    large = large_timing(budgets)
+    large = large_timing(args.large_budgets)
   load = os.getloadavg()
   print(markdown(results, large, load))
   output = {"quality": results, "large": large, "load_average": load}

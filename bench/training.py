@@ -38,6 +38,7 @@ from vnm_jax.config import VNMConfig
 from vnm_jax.lora import init_lora, lora_params, three_stage_lora
 from vnm_jax.sparse_training import fixed_mask, sparse_params, sr_ste
 from vnm_jax.trees import tree_configs, tree_masks
+from vnm_recipes.checks import ArgumentParser, config_argument, positive_int_argument
 from vnm_recipes.models.llama import Llama, LlamaConfig
 
 SIZES = {
@@ -150,23 +151,24 @@ def run_steps(mode: Mode, tokens, steps: int) -> float:
 
 
 def main(argv=None) -> list[dict]:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = ArgumentParser(prog="python bench/training.py", description=__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--size", choices=sorted(SIZES), default=None,
                       help="model size; default small on CPU, medium on GPU/TPU")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                       help="params dtype; default float32 on CPU, bfloat16 elsewhere")
-  parser.add_argument("--config", default="64:2:8", help="V:N:M of the block kernels")
-  parser.add_argument("--rank", type=int, default=16, help="LoRA rank")
-  parser.add_argument("--rounds", type=int, default=5)
-  parser.add_argument("--steps-per-round", type=int, default=5)
+  parser.add_argument("--config", type=config_argument, default=VNMConfig.parse("64:2:8"),
+                      help="V:N:M of the block kernels")
+  parser.add_argument("--rank", type=positive_int_argument, default=16, help="LoRA rank")
+  parser.add_argument("--rounds", type=positive_int_argument, default=5)
+  parser.add_argument("--steps-per-round", type=positive_int_argument, default=5)
   parser.add_argument("--modes", nargs="+", choices=ALL_MODES, default=list(ALL_MODES))
   args = parser.parse_args(argv)
   on_cpu = jax.default_backend() == "cpu"
   size = args.size or ("small" if on_cpu else "medium")
   dtype = jnp.dtype(args.dtype or ("float32" if on_cpu else "bfloat16"))
   model_config, batch, length = SIZES[size]
-  config = VNMConfig.parse(args.config)
+  config = args.config
 
   model = Llama(model_config, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)

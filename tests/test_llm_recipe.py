@@ -1,7 +1,5 @@
 """The LLM recipe (vnm_recipes.llm) end to end on a 2-layer random Llama (no download)."""
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -206,15 +204,6 @@ def test_lora_settings_and_inputs_are_validated(setup):
     calibration_batches(tokens[:100], 4, 32, 2)
   assert SETTINGS.stage_steps() == (1, 1)
   assert LoRASettings(steps=200).stage_steps() == (10, 10)
-
-
-def test_missing_gguf_names_the_fetch_command(tmp_path, monkeypatch):
-  monkeypatch.setenv(vnm_gguf.CACHE_DIR_ENV, str(tmp_path))
-  monkeypatch.delenv(vnm_gguf.SMOLLM2_GGUF_ENV, raising=False)
-  with pytest.raises(SystemExit, match=re.escape("python -m vnm_recipes.llm fetch")):
-    llm_cli.main(["eval", "--eval-tokens", "1024"])
-  with pytest.raises(SystemExit, match=re.escape("python -m vnm_recipes.llm fetch")):
-    llm_cli.main(["prune", "--gguf", str(tmp_path / "missing.gguf")])
 
 
 def test_report_prints_the_gap_to_dense(tmp_path, capsys):

@@ -100,6 +100,19 @@ def _abstract(leaf):
   return leaf  # numpy arrays and Python scalars restore as such
 
 
+def saved_steps(directory: str | os.PathLike) -> list[int]:
+  """The step numbers saved in ``directory`` (oldest first), read without orbax.
+
+  A step is a folder named by its number (an interrupted save leaves a temporary name,
+  not counted); a missing ``directory`` has none and is not created.
+  """
+  try:
+    entries = list(os.scandir(directory))
+  except (FileNotFoundError, NotADirectoryError):
+    return []
+  return sorted(int(e.name) for e in entries if e.name.isdigit() and e.is_dir())
+
+
 class Checkpointer:
   """Numbered checkpoints of one training run in ``directory`` (see the module docstring).
 

@@ -22,36 +22,48 @@ import argparse
 import pathlib
 import re
 import sys
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
-from vnm_recipes.checks import config_argument, positive_float_argument, positive_int_argument
+from vnm_recipes.checks import (SCORES, ArgumentParser, BadArgument, config_argument,
+                                new_checkpoint_argument, output_dir_argument,
+                                positive_float_argument, positive_int_argument, regex_argument,
+                                usage_errors)
 
 CALIBRATION_BATCH = 256  # digits images per calibration batch
-SCORES = ("magnitude", "wanda", "ria")  # vnm_jax.Importance values
+DEMO_OUT_DIR = "runs/demo"  # under runs/, which .gitignore lists
 
 
 def prune_source_argument(text: str) -> pathlib.Path:
-  """argparse type: an existing checkpoint directory or .gguf file."""
+  """argparse type: a checkpoint folder (with a saved step) or a GGUF file (header read)."""
+  from vnm_jax.checkpoint import saved_steps
+  from vnm_recipes.checks import gguf_argument
+
   path = pathlib.Path(text)
   if not path.exists():
     raise argparse.ArgumentTypeError(f"{text!r} does not exist")
-  if not (path.is_dir() or (path.is_file() and path.suffix == ".gguf")):
+  if path.is_dir():
+    if not saved_steps(path):
+      raise argparse.ArgumentTypeError(
+          f"{text!r} holds no checkpoint step; expected a folder written by `vnm-jax vit "
+          f"--save DIR` or a .gguf file")
+    return path
+  if path.suffix != ".gguf":
     raise argparse.ArgumentTypeError(
-        f"{text!r} is neither a checkpoint directory (written by `vnm-jax vit --save DIR`) "
+        f"{text!r} is neither a checkpoint folder (written by `vnm-jax vit --save DIR`) "
         f"nor a .gguf file")
-  return path
+  return gguf_argument(text)
 
 
 # ----------------------------------------------------------------------------- delegated commands
 
 def _run_vit(argv: Sequence[str]) -> int:
   from vnm_recipes.vit import cli
-  return cli.main(list(argv))
+  return cli.main(list(argv), prog="vnm-jax vit")
 
 
 def _run_llm(argv: Sequence[str]) -> int:
   from vnm_recipes.llm import cli
-  return cli.main(list(argv))
+  return cli.main(list(argv), prog="vnm-jax llm")
 
 
 def _run_select(argv: Sequence[str]) -> int:
@@ -82,40 +94,88 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- prune
 
-def _load_vit_checkpoint(directory: pathlib.Path):
-  """(model, calibration batches, prunable regex) of a `vnm-jax vit --save` checkpoint."""
+class _Source(NamedTuple):
+  """A model to prune, described without loading its weights."""
+  paths: list[str]  # its parameters' path strings
+  pattern: str  # the regex of its prunable kernels
+  load: Callable[[], tuple]  # () -> (model, calibration batches)
+
+
+def _abstract_paths(make) -> list[str]:
+  import jax
+  from flax import nnx
+
+  from vnm_jax import path_str
+  state = nnx.state(nnx.eval_shape(make), nnx.Param)
+  return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+
+
+def _vit_source(directory: pathlib.Path) -> _Source:
+  """A `vnm-jax vit --save` checkpoint: its config from the metadata, the digits to calibrate."""
   import jax.numpy as jnp
   from flax import nnx
 
+  from vnm_jax import Checkpointer, CheckpointError
   from vnm_recipes.data.digits import load_digits_split
-  from vnm_recipes.models.vit import PRUNABLE_PATTERN
+  from vnm_recipes.models.vit import PRUNABLE_PATTERN, ViT, ViTConfig
   from vnm_recipes.vit.checkpoint import load_checkpoint
 
-  graphdef, params = load_checkpoint(directory)
-  images = load_digits_split().train_images
-  batches = [jnp.asarray(images[i:i + CALIBRATION_BATCH])
-             for i in range(0, len(images), CALIBRATION_BATCH)]
-  return nnx.merge(graphdef, params), batches, PRUNABLE_PATTERN
+  try:
+    with Checkpointer(directory) as checkpointer:
+      metadata = checkpointer.metadata()
+    if metadata.get("model") != "vit":
+      raise ValueError(f"its metadata names model {metadata.get('model')!r}, not 'vit'")
+    model_config = ViTConfig(**metadata["vit_config"])
+  except (CheckpointError, ValueError, TypeError, KeyError) as error:
+    raise BadArgument("source", f"{str(directory)!r} is not a ViT checkpoint written by "
+                                f"`vnm-jax vit --save DIR`: {error}") from None
+
+  def load():
+    try:
+      graphdef, params = load_checkpoint(directory)
+    except (FileNotFoundError, ValueError) as error:
+      raise BadArgument("source", f"cannot load {str(directory)!r}: {error}") from None
+    images = load_digits_split().train_images
+    batches = [jnp.asarray(images[i:i + CALIBRATION_BATCH])
+               for i in range(0, len(images), CALIBRATION_BATCH)]
+    return nnx.merge(graphdef, params), batches
+
+  paths = _abstract_paths(lambda: ViT(model_config, rngs=nnx.Rngs(0)))
+  return _Source(paths, PRUNABLE_PATTERN, load)
 
 
-def _load_gguf(path: pathlib.Path, windows: int):
-  """(model, calibration batches, prunable regex) of a Llama-architecture GGUF file."""
+def _gguf_source(path: pathlib.Path, windows: int, needs_calibration: bool) -> _Source:
+  """A Llama GGUF file: its config and tokenizer read, the calibration windows cut."""
   import jax.numpy as jnp
+  from flax import nnx
 
   from vnm_recipes.data.text import WINDOW, calibration_batches, split_pydoc_topics
-  from vnm_recipes.gguf import load_llama
-  from vnm_recipes.models.llama import PRUNABLE_PATTERN
+  from vnm_recipes.gguf import load_llama, load_tokenizer, open_gguf, read_llama_config
+  from vnm_recipes.models.llama import PRUNABLE_PATTERN, Llama
 
-  model, tokenizer = load_llama(path)
-  split = split_pydoc_topics(tokenizer)
-  batches = calibration_batches(split.train, windows, WINDOW, batch_size=2)
-  return model, [jnp.asarray(b) for b in batches], PRUNABLE_PATTERN
+  try:
+    reader = open_gguf(path)
+    config = read_llama_config(reader)
+    tokenizer = load_tokenizer(reader)
+  except ValueError as error:
+    raise BadArgument("source", f"GGUF file {str(path)!r}: {error}") from None
+  batches = []
+  if needs_calibration:
+    try:
+      batches = calibration_batches(split_pydoc_topics(tokenizer).train, windows, WINDOW,
+                                    batch_size=2)
+    except ValueError as error:
+      raise BadArgument("--calibration-windows", str(error)) from None
 
+  def load():
+    try:
+      model, _ = load_llama(path, reader=reader)
+    except ValueError as error:
+      raise BadArgument("source", str(error)) from None
+    return model, [jnp.asarray(b) for b in batches]
 
-def _usage_error(message: str) -> int:
-  """Prints an argparse-style error for `prune` and returns its exit status, 2."""
-  print(f"vnm-jax prune: error: {message}", file=sys.stderr)
-  return 2
+  return _Source(_abstract_paths(lambda: Llama(config, rngs=nnx.Rngs(0))), PRUNABLE_PATTERN,
+                 load)
 
 
 def _run_prune(args: argparse.Namespace) -> int:
@@ -129,21 +189,19 @@ def _run_prune(args: argparse.Namespace) -> int:
   from vnm_jax.trees import sparsity_summary
 
   source = args.source
-  try:
-    if source.is_dir():
-      model, batches, pattern = _load_vit_checkpoint(source)
-    else:
-      model, batches, pattern = _load_gguf(source, args.calibration_windows)
-  except (FileNotFoundError, ValueError) as error:
-    return _usage_error(f"argument source: cannot load {str(source)!r}: {error}")
-  pattern = args.filter or pattern
+  needs_norms = Importance.parse(args.score).needs_input_norms
+  if source.is_dir():
+    described = _vit_source(source)
+  else:
+    described = _gguf_source(source, args.calibration_windows, needs_norms)
+  pattern = args.filter or described.pattern
+  if not any(re.search(pattern, path) for path in described.paths):
+    raise BadArgument("--filter", f"{pattern!r} matches no parameter; the model's parameters "
+                                  f"are e.g. {described.paths[:4]}")
+  model, batches = described.load()
   params = nnx.state(model, nnx.Param)
-  paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-  if not any(re.search(pattern, path) for path in paths):
-    return _usage_error(f"argument --filter: {pattern!r} matches no parameter; the model's "
-                        f"parameters are e.g. {paths[:4]}")
   input_norms = None
-  if Importance.parse(args.score).needs_input_norms:
+  if needs_norms:
     input_norms = collect_input_norms(model, batches, filter=pattern)
   scores = kernel_scores(params, args.score, filter=pattern, input_norms=input_norms)
   permutations = None
@@ -177,7 +235,7 @@ def _run_prune(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="vnm-jax", description="V:N:M sparsity for JAX models.")
+  parser = ArgumentParser(prog="vnm-jax", description="V:N:M sparsity for JAX models.")
   commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
   demo = commands.add_parser(
@@ -186,8 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
                   "and without permutation (one-shot, fixed-mask fine-tuning, SR-STE); prints "
                   "the table and writes it with a plot of accuracy against the GEMM speedup "
                   "measured on this machine. A few minutes on 2 CPU cores.")
-  demo.add_argument("--out-dir", default="vnm_demo",
-                    help="where the table and plot are written (default %(default)s)")
+  demo.add_argument("--out-dir", type=output_dir_argument, default=DEMO_OUT_DIR,
+                    help="where the table and plot are written (default %(default)s; a rerun "
+                         "replaces them)")
   demo.add_argument("--preset", default="short", choices=("short", "full"),
                     help="pipeline size (default %(default)s)")
 
@@ -204,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "Llama-architecture .gguf file (e.g. SmolLM2-135M)")
   prune.add_argument("--config", type=config_argument, required=True,
                      help="V:N:M pattern, e.g. 64:2:8 (2:4 means 64:2:4)")
-  prune.add_argument("--out", required=True, help="orbax checkpoint directory to write")
+  prune.add_argument("--out", type=new_checkpoint_argument, required=True,
+                     help="orbax checkpoint folder to write (new, or without saved steps)")
   prune.add_argument("--score", choices=SCORES,
                      default="magnitude", help="importance score (default %(default)s)")
   prune.add_argument("--rule", choices=("column_l1", "exhaustive"), default="column_l1",
@@ -213,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="search input/output channel permutations before pruning")
   prune.add_argument("--permutation-seconds", type=positive_float_argument, default=2.0,
                      help="time budget of each kernel's permutation search (default 2)")
-  prune.add_argument("--filter", default=None,
+  prune.add_argument("--filter", type=regex_argument, default=None,
                      help="regex of the kernel paths to prune (default: the model's block "
                           "projections)")
   prune.add_argument("--calibration-windows", type=positive_int_argument, default=8,
@@ -223,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """Runs one ``vnm-jax`` subcommand; returns its exit status."""
+  """Runs one ``vnm-jax`` subcommand; returns its exit status (2: a bad argument)."""
   argv = list(sys.argv[1:] if argv is None else argv)
   # The scripts parse their own arguments (argparse's REMAINDER drops a leading "--x").
   if argv and argv[0] in DELEGATED:
@@ -231,13 +291,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run(argv[1:]) or 0
   parser = build_parser()
   args = parser.parse_args(argv)
-  if args.command == "prune" and args.filter is not None:
-    try:
-      re.compile(args.filter)
-    except re.error as error:
-      parser.error(f"argument --filter: invalid regular expression {args.filter!r}: {error}")
   run = {"demo": _run_demo, "prune": _run_prune}[args.command]
-  return run(args)
+  with usage_errors(f"vnm-jax {args.command}"):
+    return run(args)
 
 
 if __name__ == "__main__":

