@@ -190,24 +190,25 @@ def fake_runs(monkeypatch):
   return runs
 
 
-def test_finished_seeds_are_saved_and_not_run_again(tmp_path, fake_runs):
+def test_seeds_are_saved_and_resumed(tmp_path, fake_runs):
   lines = []
   first = vit_pipeline.run_pipeline(TINY_PRESET, tmp_path, seeds=[0], log=lines.append)
   assert fake_runs == [(0, 1)] and [s.seed for s in first.seeds] == [0]
   assert vit_pipeline.seed_path(tmp_path, 0).exists()
-  both = vit_pipeline.run_pipeline(TINY_PRESET, tmp_path, log=lines.append)
+  both = vit_pipeline.run_pipeline(TINY_PRESET, tmp_path, resume=True, log=lines.append)
   assert fake_runs == [(0, 1), (1, 1)] and [s.seed for s in both.seeds] == [0, 1]
   assert any("seed 0: loaded from" in line for line in lines)
   assert [s.as_dict() for s in both.seeds] == [_seed_result(0).as_dict(), _seed_result(1).as_dict()]
-  # Another seed list only changes what runs; the table covers every saved seed.
-  vit_pipeline.run_pipeline(TINY_PRESET, tmp_path, seeds=[1], log=lines.append)
-  assert len(fake_runs) == 2
+  # Without resume the seeds asked for run again; the table still covers every saved seed.
+  again = vit_pipeline.run_pipeline(TINY_PRESET, tmp_path, seeds=[1], log=lines.append)
+  assert fake_runs[2:] == [(1, 1)] and [s.seed for s in again.seeds] == [0, 1]
 
 
 def test_saved_seeds_of_other_settings_are_not_reused(tmp_path, fake_runs):
   vit_pipeline.run_pipeline(TINY_PRESET, tmp_path, seeds=[0], log=lambda line: None)
   longer = dataclasses.replace(TINY_PRESET, dense=vit_training.TrainConfig(epochs=2))
-  result = vit_pipeline.run_pipeline(longer, tmp_path, seeds=[0], log=lambda line: None)
+  result = vit_pipeline.run_pipeline(longer, tmp_path, seeds=[0], resume=True,
+                                     log=lambda line: None)
   assert fake_runs == [(0, 1), (0, 2)] and len(result.seeds) == 1
   renamed = dataclasses.replace(longer, name="other", seeds=(0, 5))
   assert renamed.settings() == longer.settings()  # name and seeds do not change results

@@ -198,20 +198,23 @@ def load_saved_seeds(out_dir: str | os.PathLike, preset: PipelinePreset
 
 
 def run_pipeline(preset: str | PipelinePreset, out_dir: str | os.PathLike, *,
-                 seeds: Sequence[int] | None = None, data_dir: str | os.PathLike | None = None,
-                 progress: bool = True, log: Callable[[str], None] = print) -> PipelineResult:
-  """Runs `run_seed` for each seed not yet saved in out_dir, then writes the summary.
+                 seeds: Sequence[int] | None = None, resume: bool = False,
+                 data_dir: str | os.PathLike | None = None, progress: bool = True,
+                 log: Callable[[str], None] = print) -> PipelineResult:
+  """Runs `run_seed` for each seed, saving each as it finishes, then writes the summary.
 
   Each finished seed is saved at once (`seed_path`), so a long run can be done in chunks
-  (``seeds=[0]``, then ``[1]``, ...) and resumes after an interruption: a seed saved by a
-  preset with the same settings is loaded, not run again. The table covers every seed
-  saved in out_dir with these settings.
+  (``seeds=[0]``, then ``[1]``, ...); with ``resume=True`` a seed already saved by a
+  preset with the same settings is loaded instead of run again (an interrupted run
+  continues where it stopped). The table covers the seeds run and every other seed saved
+  in out_dir with these settings (the log names the ones loaded).
 
   Args:
     preset: a name in `PRESETS` ("short", "digits", "full") or a `PipelinePreset`.
     out_dir: where seed_<n>.json, results.md, results.json and accuracy_vs_speedup.png
       are written (created if missing).
     seeds: the seeds to run (default: the preset's).
+    resume: skip the seeds already saved in out_dir with these settings.
     data_dir: where Fashion-MNIST's idx files are looked for first (see
       `vnm_recipes.data.fashion_mnist`); the digits need none.
     progress: show tqdm bars (training steps, permutation search).
@@ -227,10 +230,9 @@ def run_pipeline(preset: str | PipelinePreset, out_dir: str | os.PathLike, *,
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   saved = load_saved_seeds(out_dir, preset)
-  to_run = [s for s in dict.fromkeys(seeds) if s not in saved]
-  for seed in dict.fromkeys(seeds):
-    if seed in saved:
-      log(f"seed {seed}: loaded from {seed_path(out_dir, seed)} (already run)")
+  to_run = [s for s in dict.fromkeys(seeds) if not (resume and s in saved)]
+  for seed in sorted(set(saved) - set(to_run)):
+    log(f"seed {seed}: loaded from {seed_path(out_dir, seed)} (saved by an earlier run)")
   graphdef = None
   if to_run:
     data = _load_data(preset, data_dir)
