@@ -7,8 +7,8 @@ wheel, MIT, whose `vit_s_focus.onnx` holds a ViT-S/14: 12 blocks, width 384, 6 h
 position embeddings resized (bicubic) to the input's patch grid, pre-norm blocks with
 layer scale (x + lambda1 * Attn(LN(x)), x + lambda2 * MLP(LN(x)), exact-erf GELU), and a
 final LayerNorm. The blocks reuse `vnm_recipes.models.vit`'s attention (one fused
-(dim, 3 * dim) qkv kernel) and MLP, so the same kernel paths are pruned
-(`vnm_recipes.models.vit.PRUNABLE_PATTERN`).
+(dim, 3 * dim) qkv kernel) and MLP, so the block kernels are pruned as the ViT's
+(`PRUNABLE_PATTERN`, under "backbone/").
 
 Reading ONNX needs the optional `onnx` package (`pip install onnx`); nothing here imports it
 until `load_onnx_backbone` is called.
@@ -28,6 +28,8 @@ from flax import nnx
 from vnm_recipes.checks import check_positive_ints
 from vnm_recipes.models.vit import MLP, Attention, patchify
 
+# The backbone's block kernels (`vnm_jax.tree_masks(filter=...)` of a `Dinov2Classifier`).
+PRUNABLE_PATTERN = r"^backbone/blocks/\d+/(attention/(qkv|out)|mlp/fc[12])/kernel$"
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
