@@ -77,14 +77,26 @@ def test_same_budget_dense_is_the_fine_tuning_without_its_mask(small_split, same
 
 def test_same_budget_is_deterministic_per_seed(small_split, same_budget):
   params, graphdef, same = same_budget
-  run = lambda seed: vit_training.train_same_budget(
-      graphdef, params, small_split, dataclasses.replace(SAME_BUDGET, seed=seed),
-      progress=False).params
-  again, other = run(SAME_BUDGET.seed), run(SAME_BUDGET.seed + 1)
-  for a, b in zip(jax.tree.leaves(same.params), jax.tree.leaves(again)):
+  again = vit_training.train_same_budget(graphdef, params, small_split, SAME_BUDGET,
+                                         progress=False)
+  for a, b in zip(jax.tree.leaves(same.params), jax.tree.leaves(again.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert not any(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(same.params),
-                                                      jax.tree.leaves(other)))
+
+
+def test_epochs_draw_the_same_batches_and_keys_for_a_seed(small_split):
+  """run_epochs (shared by the dense, same-budget and sparse trainings) is a function of the
+  seed alone: a step that records what it is given sees the same stream for a seed."""
+  def stream(seed):
+    record = lambda seen, images, labels, key: (
+        seen + [(labels.tolist(), jax.random.key_data(key).tolist())], 0.0)
+    config = dataclasses.replace(SAME_BUDGET, seed=seed)
+    seen, _, steps = vit_training.run_epochs(record, [], small_split, config, "", False)
+    assert steps == len(seen) == 2 * (64 // 16)
+    return seen
+
+  assert stream(3) == stream(3)
+  other = stream(4)
+  assert all(a[0] != b[0] and a[1] != b[1] for a, b in zip(stream(3), other))
 
 
 # ----------------------------------------------------------------------------- summary over seeds

@@ -14,6 +14,7 @@ fine-tuning epoch); the paper's setting (224x224, ImageNet, long fine-tuning) ne
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -77,34 +78,39 @@ class PretrainedRow:
 def probe_features(graphdef: nnx.GraphDef, params: Any, images: np.ndarray,
                    batch_size: int = 256) -> np.ndarray:
   """(n, 2 * dim) features of `Dinov2Classifier.features` for images (n, 28, 28, 1)."""
-  @jax.jit
-  def run(params, batch):
-    return nnx.merge(graphdef, params).features(batch)
-
-  return np.concatenate([np.asarray(run(params, images[i:i + batch_size]))
+  return np.concatenate([np.asarray(_features(graphdef, params, images[i:i + batch_size]))
                          for i in range(0, len(images), batch_size)])
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _features(graphdef: nnx.GraphDef, params: Any, images: jax.Array) -> jax.Array:
+  """Features of one batch; compiled once per model structure and batch shape."""
+  return nnx.merge(graphdef, params).features(images)
 
 
 def fit_probe(features: np.ndarray, labels: np.ndarray, num_classes: int, steps: int,
               learning_rate: float, weight_decay: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
   """Multinomial logistic regression by full-batch AdamW: (kernel (d, classes), bias)."""
-  x, y = jnp.asarray(features), jnp.asarray(labels)
+  kernel, bias = _fit_probe(jnp.asarray(features), jnp.asarray(labels), num_classes, steps,
+                            learning_rate, weight_decay)
+  return np.asarray(kernel), np.asarray(bias)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _fit_probe(x, y, num_classes, steps, learning_rate, weight_decay):
+  """`fit_probe`'s loop in one compiled function (once per shape and step count)."""
   params = (jnp.zeros((x.shape[1], num_classes)), jnp.zeros(num_classes))
   tx = optax.adamw(learning_rate, weight_decay=weight_decay)
 
-  @jax.jit
-  def step(params, state):
-    def loss(params):
-      logits = x @ params[0] + params[1]
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    grads = jax.grad(loss)(params)
-    updates, state = tx.update(grads, state, params)
+  def step(_, carry):
+    params, state = carry
+    loss = lambda params: optax.softmax_cross_entropy_with_integer_labels(
+        x @ params[0] + params[1], y).mean()
+    updates, state = tx.update(jax.grad(loss)(params), state, params)
     return optax.apply_updates(params, updates), state
 
-  state = tx.init(params)
-  for _ in range(steps):
-    params, state = step(params, state)
-  return np.asarray(params[0]), np.asarray(params[1])
+  params, _ = jax.lax.fori_loop(0, steps, step, (params, tx.init(params)))
+  return params
 
 
 def _with_head(graphdef: nnx.GraphDef, params: Any, kernel: np.ndarray,
