@@ -91,8 +91,10 @@ def no_expensive_work(monkeypatch, tmp_path):
   for name in ("measure_speedups", "measure_matmul_speedup", "collect_input_norms"):
     monkeypatch.setattr(vnm_jax, name, _fail(name))
   monkeypatch.setattr(llm_cli, "collect_input_norms", _fail("collect_input_norms"))
-  for name in ("train_dense", "run_pipeline"):
+  for name in ("train_dense", "run_pipeline", "load_image_dataset"):
     monkeypatch.setattr(vit_cli, name, _fail(name))
+  # This machine may have the Debian package's Fashion-MNIST; CI machines do not.
+  monkeypatch.setattr("vnm_recipes.data.fashion_mnist.DEBIAN_DIR", tmp_path / "no_fashion_mnist")
   monkeypatch.setattr("vnm_recipes.vit.checkpoint.load_checkpoint", _fail("load_checkpoint"))
   monkeypatch.setattr(BENCH["masks"], "time_mask", _fail("time_mask"))
   monkeypatch.setattr(BENCH["permutation"], "load_layers", _fail("load_layers"))
@@ -188,6 +190,19 @@ CASES = [
     ("vit", ["--save", "{text}"], "--save"),
     ("vit", ["--save", "{ckpt}"], "--save"),
     ("vit", ["--preset", "short", "--out-dir", "{text}"], "--out-dir"),
+    ("vit", ["--seeds", "0"], "--seeds"),  # needs --preset
+    ("vit", ["--resume"], "--resume"),
+    ("vit", ["--preset", "short", "--seeds", "0,x"], "--seeds"),
+    ("vit", ["--preset", "short", "--seeds", "-1"], "--seeds"),
+    ("vit", ["--preset", "short", "--seeds", "1,1"], "--seeds"),
+    ("vit", ["--preset", "short", "--seeds", "0,,1"], "--seeds"),
+    ("vit", ["--dataset", "cifar10"], "--dataset"),
+    ("vit", ["--preset", "short", "--dataset", "digits"], "--dataset"),
+    ("vit", ["--data-dir", "{missing}"], "--data-dir"),
+    ("vit", ["--data-dir", "{text}"], "--data-dir"),
+    ("vit", ["--preset", "full", "--data-dir", "{dir}"], "--data-dir"),  # no idx files
+    ("vit", ["--dataset", "fashion_mnist"], "--data-dir"),  # none at the package's place
+    ("vit", ["--dataset", "fashion_mnist", "--patch-size", "3"], "--patch-size"),  # 28 % 3
     # llm, through vnm-jax and alone
     ("llm", [], "command"),
     ("llm", ["quantize"], "command"),

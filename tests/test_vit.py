@@ -12,7 +12,7 @@ from flax import nnx
 import vnm_reference as ref
 from vnm_reference import assert_close
 from vnm_jax import Permutation, tree_permute, tree_unpermute
-from vnm_recipes.data import digits
+from vnm_recipes.data import digits, images
 from vnm_recipes.models import vit
 from vnm_recipes.vit import pipeline as vit_pipeline
 from vnm_recipes.vit import presets as vit_presets
@@ -70,9 +70,9 @@ def test_split_rejects_bad_test_size(bad, error):
 
 
 def test_iterate_batches_covers_each_image_once_per_epoch():
-  images = np.arange(10, dtype=np.float32)[:, None]
+  pixels = np.arange(10, dtype=np.float32)[:, None]
   labels = np.arange(10)
-  batches = list(digits.iterate_batches(images, labels, 3, np.random.default_rng(0)))
+  batches = list(images.iterate_batches(pixels, labels, 3, np.random.default_rng(0)))
   assert [len(x) for x, _ in batches] == [3, 3, 3]
   seen = np.concatenate([y for _, y in batches])
   assert len(set(seen.tolist())) == 9
@@ -83,7 +83,7 @@ def test_iterate_batches_covers_each_image_once_per_epoch():
 @pytest.mark.parametrize("batch_size", [0, 11])
 def test_iterate_batches_rejects_bad_batch_size(batch_size):
   with pytest.raises(ValueError, match="batch_size"):
-    list(digits.iterate_batches(np.zeros((10, 2)), np.zeros(10), batch_size,
+    list(images.iterate_batches(np.zeros((10, 2)), np.zeros(10), batch_size,
                                 np.random.default_rng(0)))
 
 
@@ -241,7 +241,7 @@ def test_accuracy_matches_direct_count(split):
 
 
 def test_dense_training_reduces_loss_and_beats_chance(split):
-  small = digits.DigitsSplit(split.train_images[:512], split.train_labels[:512],
+  small = images.ImageSplit(split.train_images[:512], split.train_labels[:512],
                              split.test_images, split.test_labels)
   model_config = vit.ViTConfig(dim=32, depth=1, num_heads=2, mlp_dim=64)
   config = vit_training.TrainConfig(epochs=8, batch_size=32, learning_rate=1e-2, max_shift=0,
@@ -263,7 +263,7 @@ def test_train_config_rejects_bad_values(changes, match):
 
 
 def test_train_rejects_batch_larger_than_data(split):
-  tiny = digits.DigitsSplit(split.train_images[:8], split.train_labels[:8],
+  tiny = images.ImageSplit(split.train_images[:8], split.train_labels[:8],
                             split.test_images, split.test_labels)
   graphdef, params = vit_training.init_model(TINY, seed=0)
   with pytest.raises(ValueError, match="batch_size"):
@@ -294,24 +294,26 @@ def _kernels(tree):
 
 def test_pipeline_table_rows_files_and_plot(pipeline):
   import json
-  rows = [(r.config, r.permuted, r.method) for r in pipeline.variants]
+  rows = [(r.config, r.permuted, r.method) for r in pipeline.seeds[0].variants]
   assert rows == [("16:2:5", permuted, method) for permuted in (False, True)
                   for method in vit_reports.METHODS]
-  for row in pipeline.variants:
+  for row in pipeline.seeds[0].variants:
     assert 0.0 <= row.test_accuracy <= 1.0 and row.speedup > 0
   table = pipeline.table_path.read_text()
-  assert table.count("| 16:2:5 |") == 6 and "GEMM speedup" in table
-  saved = json.loads(pipeline.json_path.read_text())
+  assert table.count("| 16:2:5 | no |") == 3 and table.count("| 16:2:5 | yes |") == 3
+  assert "GEMM speedup" in table and table.count("| 16:2:5 | sr-ste |") == 1  # permutation effect
+  assert table.count("| dense | - |") == 2 and "same budget (+1 epochs) |" in table
+  saved = json.loads(pipeline.json_path.read_text())["seeds"][0]
   assert [v["method"] for v in saved["variants"]] == [r[2] for r in rows]
-  assert saved["dense_accuracy"] == pipeline.dense_accuracy
+  assert saved["dense_accuracy"] == pipeline.seeds[0].dense_accuracy
   assert set(saved["timings"]) == {"16:2:5|False", "16:2:5|True"}
   assert all(len(t) == 4 for t in saved["timings"].values())  # qkv, out, fc1, fc2
   assert pipeline.plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_pipeline_one_shot_is_the_column_l1_mask_of_the_dense_weights(pipeline):
-  dense = _kernels(pipeline.dense_params)
-  model = pipeline.models[("16:2:5", False, "one-shot")]
+  dense = _kernels(pipeline.seeds[0].dense_params)
+  model = pipeline.seeds[0].models[("16:2:5", False, "one-shot")]
   masks, params = _kernels(model.masks), _kernels(model.params)
   assert set(masks) == set(dense) and len(masks) == 4
   for path, kernel in dense.items():
@@ -323,7 +325,7 @@ def test_pipeline_one_shot_is_the_column_l1_mask_of_the_dense_weights(pipeline):
 @pytest.mark.parametrize("permuted", [False, True])
 @pytest.mark.parametrize("method", vit_reports.METHODS)
 def test_pipeline_masks_are_vnm_and_pruned_weights_zero(pipeline, permuted, method):
-  model = pipeline.models[("16:2:5", permuted, method)]
+  model = pipeline.seeds[0].models[("16:2:5", permuted, method)]
   masks, params = _kernels(model.masks), _kernels(model.params)
   assert bool(model.permutations) == permuted
   for path, mask in masks.items():
@@ -341,12 +343,23 @@ def test_pipeline_masks_are_vnm_and_pruned_weights_zero(pipeline, permuted, meth
 
 def test_pipeline_fixed_mask_keeps_the_one_shot_mask_and_trains(pipeline):
   for permuted in (False, True):
-    one_shot = pipeline.models[("16:2:5", permuted, "one-shot")]
-    tuned = pipeline.models[("16:2:5", permuted, "fixed-mask")]
+    one_shot = pipeline.seeds[0].models[("16:2:5", permuted, "one-shot")]
+    tuned = pipeline.seeds[0].models[("16:2:5", permuted, "fixed-mask")]
     before, after = _kernels(one_shot.params), _kernels(tuned.params)
     for path, mask in _kernels(one_shot.masks).items():
       np.testing.assert_array_equal(_kernels(tuned.masks)[path], mask)
       assert not np.allclose(after[path][mask], before[path][mask])  # kept weights moved
+
+
+def test_pipeline_fine_tunings_have_the_same_budget_as_the_dense_baseline(pipeline):
+  seed = pipeline.seeds[0]
+  steps = (64 // 32) * 1  # train_images // batch_size * fine-tuning epochs
+  assert seed.same_budget_steps == steps
+  assert [r.steps for r in seed.variants] == [0, steps, steps] * 2  # one-shot trains nothing
+  for a, b in zip(jax.tree.leaves(seed.same_budget_params), jax.tree.leaves(seed.dense_params)):
+    assert a.shape == b.shape
+  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(seed.same_budget_params),
+                                                      jax.tree.leaves(seed.dense_params)))
 
 
 def test_permutation_indices_round_trip():

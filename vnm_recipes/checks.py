@@ -239,6 +239,17 @@ def existing_file_argument(text: str) -> pathlib.Path:
   return path
 
 
+def existing_dir_argument(text: str) -> pathlib.Path:
+  """argparse type: a readable folder (added for the ViT recipe's --data-dir, issue 13)."""
+  path = pathlib.Path(text)
+  if not path.is_dir():
+    raise argparse.ArgumentTypeError(f"{text!r} is not a folder" if path.exists()
+                                     else f"{text!r} does not exist")
+  if not os.access(path, os.R_OK | os.X_OK):
+    raise argparse.ArgumentTypeError(f"{text!r} is not readable")
+  return path
+
+
 def gguf_argument(text: str) -> pathlib.Path:
   """argparse type: a readable GGUF file (its header is read: magic and version)."""
   from vnm_recipes.gguf import check_gguf_file

@@ -7,9 +7,9 @@ one channel) with pixel values scaled from 0..16 to [0, 1]; labels are int32 (n,
 
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple
-
 import numpy as np
+
+from vnm_recipes.data.images import ImageSplit
 
 NUM_CLASSES = 10
 IMAGE_SIZE = 8
@@ -17,23 +17,7 @@ MAX_PIXEL = 16.0  # load_digits pixel values are integers in 0..16
 NUM_IMAGES = 1797
 
 
-class DigitsSplit(NamedTuple):
-  """A train/test split of the digits.
-
-  Attributes:
-    train_images: float32 (n_train, 8, 8, 1), pixels in [0, 1].
-    train_labels: int32 (n_train,), classes 0..9.
-    test_images: float32 (n_test, 8, 8, 1), pixels in [0, 1].
-    test_labels: int32 (n_test,), classes 0..9.
-  """
-
-  train_images: np.ndarray
-  train_labels: np.ndarray
-  test_images: np.ndarray
-  test_labels: np.ndarray
-
-
-def load_digits_split(test_size: int = 360, seed: int = 0) -> DigitsSplit:
+def load_digits_split(test_size: int = 360, seed: int = 0) -> ImageSplit:
   """Loads the digits and splits them, stratified by class, with a fixed seed.
 
   Args:
@@ -42,7 +26,7 @@ def load_digits_split(test_size: int = 360, seed: int = 0) -> DigitsSplit:
     seed: seed of the shuffle; the same seed always gives the same split.
 
   Returns:
-    A `DigitsSplit` whose two halves are disjoint and together hold all 1797 images.
+    An `ImageSplit` whose two halves are disjoint and together hold all 1797 images.
   """
   from sklearn.datasets import load_digits
   from sklearn.model_selection import train_test_split
@@ -58,31 +42,4 @@ def load_digits_split(test_size: int = 360, seed: int = 0) -> DigitsSplit:
   labels = digits.target.astype(np.int32)
   train_x, test_x, train_y, test_y = train_test_split(
       images, labels, test_size=int(test_size), stratify=labels, random_state=seed)
-  return DigitsSplit(train_x, train_y, test_x, test_y)
-
-
-def iterate_batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
-                    rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """Yields shuffled full batches of one epoch; the last partial batch is dropped.
-
-  Dropping it keeps every batch the same shape (one jit compilation). Each epoch
-  reshuffles, so over epochs every image is seen.
-
-  Args:
-    images: (n, ...) array.
-    labels: (n,) array.
-    batch_size: images per batch, 1 <= batch_size <= n.
-    rng: numpy generator that draws the epoch's order.
-
-  Yields:
-    (images[idx], labels[idx]) with idx of length batch_size.
-  """
-  n = len(images)
-  if len(labels) != n:
-    raise ValueError(f"images and labels must have the same length, got {n} and {len(labels)}")
-  if not 1 <= batch_size <= n:
-    raise ValueError(f"batch_size must be in [1, {n}] (number of images), got {batch_size}")
-  order = rng.permutation(n)
-  for start in range(0, n - batch_size + 1, batch_size):
-    idx = order[start:start + batch_size]
-    yield images[idx], labels[idx]
+  return ImageSplit(train_x, train_y, test_x, test_y)

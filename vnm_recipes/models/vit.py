@@ -150,16 +150,23 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-  """Linear(dim, mlp_dim) -> GELU -> dropout -> Linear(mlp_dim, dim)."""
+  """Linear(dim, mlp_dim) -> GELU -> dropout -> Linear(mlp_dim, dim).
 
-  def __init__(self, dim: int, mlp_dim: int, dropout: float, *, rngs: nnx.Rngs):
+  GELU is jax's tanh approximation unless approximate_gelu is False (the exact erf form
+  of pretrained PyTorch models such as DINOv2).
+  """
+
+  def __init__(self, dim: int, mlp_dim: int, dropout: float, *, approximate_gelu: bool = True,
+               rngs: nnx.Rngs):
     self.dropout = dropout
+    self.approximate_gelu = approximate_gelu
     self.fc1 = nnx.Linear(dim, mlp_dim, rngs=rngs)
     self.fc2 = nnx.Linear(mlp_dim, dim, rngs=rngs)
 
   def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
     """x: (..., dim) -> (..., dim)."""
-    hidden = _dropout(jax.nn.gelu(self.fc1(x)), self.dropout, key)
+    hidden = jax.nn.gelu(self.fc1(x), approximate=self.approximate_gelu)
+    hidden = _dropout(hidden, self.dropout, key)
     return self.fc2(hidden)
 
 

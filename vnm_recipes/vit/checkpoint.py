@@ -12,14 +12,25 @@ from vnm_jax import Checkpointer
 from vnm_recipes.models.vit import ViT, ViTConfig
 
 
-def save_checkpoint(directory: str | os.PathLike, model_config: ViTConfig, params: Any) -> None:
-  """Saves a ViT's params with `vnm_jax.Checkpointer` (step 0) and its config.
+def save_checkpoint(directory: str | os.PathLike, model_config: ViTConfig, params: Any, *,
+                    dataset: str = "digits") -> None:
+  """Saves a ViT's params with `vnm_jax.Checkpointer` (step 0), its config and the name of
+  the data set it was trained on (`vnm_recipes.data.images.DATASETS`).
 
-  `load_checkpoint` (and `vnm-jax prune DIR`) rebuild the model from the metadata.
+  `load_checkpoint` (and `vnm-jax prune DIR`) rebuild the model from the metadata;
+  `checkpoint_dataset` reads the data set's name (calibration images must be of it).
   """
   with Checkpointer(directory) as checkpointer:
     checkpointer.save(0, {"params": params},
-                      metadata={"model": "vit", "vit_config": dataclasses.asdict(model_config)})
+                      metadata={"model": "vit", "vit_config": dataclasses.asdict(model_config),
+                                "dataset": dataset})
+
+
+def checkpoint_dataset(directory: str | os.PathLike) -> str:
+  """The data set a `save_checkpoint` checkpoint was trained on ("digits" for checkpoints
+  written before the name was saved)."""
+  with Checkpointer(directory) as checkpointer:
+    return checkpointer.metadata().get("dataset", "digits")
 
 
 def load_checkpoint(directory: str | os.PathLike) -> tuple[nnx.GraphDef, Any]:

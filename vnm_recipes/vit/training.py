@@ -1,9 +1,10 @@
-"""Training a ViT on the digits: the optimiser, the augmentation, the dense and sparse steps."""
+"""Training a ViT on an image split: the optimiser, the augmentation, the dense and sparse steps."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -16,7 +17,7 @@ from tqdm.auto import tqdm
 
 import vnm_jax
 from vnm_recipes.checks import check_positive_ints
-from vnm_recipes.data.digits import NUM_CLASSES, DigitsSplit, iterate_batches
+from vnm_recipes.data.images import ImageSplit, iterate_batches
 from vnm_recipes.models.vit import ViT, ViTConfig
 
 
@@ -69,11 +70,20 @@ class TrainResult(NamedTuple):
     params: trained parameters (an `nnx.State` of the model's `nnx.Param`s).
     epoch_losses: mean training loss of each epoch, length epochs.
     seconds: wall-clock seconds of the run, compilation included.
+    steps: optimizer steps taken (epochs * (training images // batch_size)).
   """
 
   params: Any
   epoch_losses: list[float]
   seconds: float
+  steps: int
+
+
+def _smoothed_loss(logits: jax.Array, labels: jax.Array, smoothing: float) -> jax.Array:
+  """Mean cross-entropy of logits (batch, classes) against labels (batch,) smoothed by
+  `smoothing` (mass spread uniformly over the classes)."""
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
+  return optax.softmax_cross_entropy(logits, targets).mean()
 
 
 def shift_images(images: jax.Array, key: jax.Array, max_shift: int) -> jax.Array:
@@ -107,7 +117,7 @@ def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTrans
 
 def accuracy(graphdef: nnx.GraphDef, params: Any, images: np.ndarray, labels: np.ndarray,
              batch_size: int = 512) -> float:
-  """Top-1 accuracy in [0, 1] of the model (graphdef, params) on images (n, 8, 8, 1)."""
+  """Top-1 accuracy in [0, 1] of the model (graphdef, params) on images (n, h, w, c)."""
   correct = 0
   for start in range(0, len(images), batch_size):
     predicted = _predict(graphdef, params, images[start:start + batch_size])
@@ -117,18 +127,18 @@ def accuracy(graphdef: nnx.GraphDef, params: Any, images: np.ndarray, labels: np
 
 @functools.partial(jax.jit, static_argnums=0)
 def _predict(graphdef: nnx.GraphDef, params: Any, images: jax.Array) -> jax.Array:
-  """Predicted classes (n,) of images (n, 8, 8, 1); compiled once per model structure."""
+  """Predicted classes (n,) of images (n, h, w, c); compiled once per model structure."""
   return jnp.argmax(nnx.merge(graphdef, params)(images), axis=-1)
 
 
-def train(graphdef: nnx.GraphDef, params: Any, data: DigitsSplit, config: TrainConfig,
+def train(graphdef: nnx.GraphDef, params: Any, data: ImageSplit, config: TrainConfig,
           *, description: str = "train", progress: bool = True) -> TrainResult:
   """Trains (graphdef, params) on data's training half.
 
   Args:
     graphdef: structure of the model, from `nnx.split(model)`.
     params: its parameters (`nnx.State`).
-    data: the digits split; only the training half is read.
+    data: the image split; only the training half is read.
     config: optimisation settings.
     description: label of the progress bar.
     progress: show a tqdm bar over epochs with the running loss.
@@ -149,45 +159,52 @@ def train(graphdef: nnx.GraphDef, params: Any, data: DigitsSplit, config: TrainC
     params, opt_state = carry
     shift_key, dropout_key = jax.random.split(key)
     images = shift_images(images, shift_key, config.max_shift)
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, NUM_CLASSES), config.label_smoothing)
 
     def loss_fn(params):
       logits = nnx.merge(graphdef, params)(images, dropout_key)
-      return optax.softmax_cross_entropy(logits, targets).mean()
+      return _smoothed_loss(logits, labels, config.label_smoothing)
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state), loss
 
-  (params, _), epoch_losses = run_epochs(step, (params, opt_state), data, config, description,
-                                          progress)
-  return TrainResult(params, epoch_losses, time.perf_counter() - start)
+  (params, _), epoch_losses, steps = run_epochs(step, (params, opt_state), data, config,
+                                                description, progress)
+  return TrainResult(params, epoch_losses, time.perf_counter() - start, steps)
 
 
-def run_epochs(step: Callable, carry: Any, data: DigitsSplit, config: TrainConfig,
-                description: str, progress: bool) -> tuple[Any, list[float]]:
+def run_epochs(step: Callable, carry: Any, data: ImageSplit, config: TrainConfig,
+               description: str, progress: bool) -> tuple[Any, list[float], int]:
   """Runs config.epochs epochs of ``carry, loss = step(carry, images, labels, key)``.
 
   Batches are drawn by `iterate_batches` (seeded by config.seed); keys are "rbg" keys:
-  XLA's CPU compiler takes seconds per threefry-based dropout layer.
+  XLA's CPU compiler takes seconds per threefry-based dropout layer. Every run with the
+  same config (dense or sparse) therefore sees the same batches and keys.
 
   Returns:
-    (final carry, mean loss of each epoch).
+    (final carry, mean loss of each epoch, number of steps taken).
   """
   order_rng = np.random.default_rng(config.seed)
   key = jax.random.key(config.seed, impl="rbg")
-  epoch_losses = []
-  bar = tqdm(range(config.epochs), desc=description, disable=not progress, leave=False)
-  for _ in bar:
+  epoch_losses, steps = [], 0
+  steps_per_epoch = len(data.train_images) // config.batch_size
+  # One bar over all steps: a Fashion-MNIST epoch takes long enough to want progress
+  # (redrawn once a minute when written to a log file rather than a terminal).
+  bar = tqdm(total=config.epochs * steps_per_epoch, desc=description, disable=not progress,
+             leave=False, mininterval=1.0 if sys.stderr.isatty() else 60.0)
+  for _ in range(config.epochs):
     losses = []
     for images, labels in iterate_batches(data.train_images, data.train_labels,
                                           config.batch_size, order_rng):
       key, step_key = jax.random.split(key)
       carry, loss = step(carry, images, labels, step_key)
       losses.append(loss)
+      steps += 1
+      bar.update()
     epoch_losses.append(float(np.mean(jax.device_get(losses))))
-    bar.set_postfix(loss=f"{epoch_losses[-1]:.3f}")
-  return carry, epoch_losses
+    bar.set_postfix(epoch=len(epoch_losses), loss=f"{epoch_losses[-1]:.3f}")
+  bar.close()
+  return carry, epoch_losses, steps
 
 
 def init_model(model_config: ViTConfig, seed: int) -> tuple[nnx.GraphDef, Any]:
@@ -195,7 +212,7 @@ def init_model(model_config: ViTConfig, seed: int) -> tuple[nnx.GraphDef, Any]:
   return nnx.split(ViT(model_config, rngs=nnx.Rngs(seed)))
 
 
-def train_dense(model_config: ViTConfig, train_config: TrainConfig, data: DigitsSplit,
+def train_dense(model_config: ViTConfig, train_config: TrainConfig, data: ImageSplit,
                 *, progress: bool = True) -> tuple[nnx.GraphDef, Any, TrainResult]:
   """Initialises a ViT with train_config.seed and trains it densely.
 
@@ -205,6 +222,21 @@ def train_dense(model_config: ViTConfig, train_config: TrainConfig, data: Digits
   graphdef, params = init_model(model_config, train_config.seed)
   result = train(graphdef, params, data, train_config, description="dense", progress=progress)
   return graphdef, result.params, result
+
+
+def train_same_budget(graphdef: nnx.GraphDef, dense_params: Any, data: ImageSplit,
+                      finetune: TrainConfig, *, progress: bool = True) -> TrainResult:
+  """The fair dense baseline of a sparse fine-tuning: the dense model trained on from its
+  weights with exactly the fine-tuning's budget.
+
+  Same `TrainConfig` (epochs, batch size, learning-rate schedule of `make_optimizer`,
+  augmentation, seed, hence the same batch order and dropout keys) and the same number
+  of steps as `sparse_step` fine-tuning run by `run_epochs` with that config; only the
+  mask is missing. A sparse model that beats the original dense model but not this one
+  owes its gain to the extra training, not to sparsity.
+  """
+  return train(graphdef, dense_params, data, finetune, description="dense, same budget",
+               progress=progress)
 
 
 def sparse_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, config: TrainConfig):
@@ -220,12 +252,11 @@ def sparse_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, config
     stored, opt_state, permutations = carry
     shift_key, dropout_key = jax.random.split(key)
     images = shift_images(images, shift_key, config.max_shift)
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, NUM_CLASSES), config.label_smoothing)
 
     def loss_fn(stored):
       params = vnm_jax.tree_unpermute(vnm_jax.sparse_params(stored, opt_state), permutations)
       logits = nnx.merge(graphdef, params)(images, dropout_key)
-      return optax.softmax_cross_entropy(logits, targets).mean()
+      return _smoothed_loss(logits, labels, config.label_smoothing)
 
     loss, grads = jax.value_and_grad(loss_fn)(stored)
     updates, opt_state = tx.update(grads, opt_state, stored)
