@@ -60,6 +60,9 @@ MAX_TOKEN_TILE = 64  # largest token tile (registers: four (BT, BG) x tiles, twi
 TARGET_PROGRAMS = 264
 # Bytes of values one program reads per step: 2 * BG * BV * itemsize.
 TARGET_STEP_BYTES = 4096
+# Triton pipeline depth: stages - 1 steps of weight in flight per program. At ~2 programs
+# per SM, 3 x ~4.6 KiB keeps ~28 KiB per SM in flight (4.8 TB/s x ~1 us / 132 SMs ~ 36 KiB).
+DEFAULT_STAGES = 4
 
 
 class DecodeLayout(NamedTuple):
@@ -263,7 +266,8 @@ def matmul(x: jax.Array, layout: DecodeLayout, *, m: int, block_tokens: int | No
     m: M of the config.
     block_tokens: token tile of the dot path (power of 2 in [16, 64]); default the
       smallest power of 2 >= T, capped at 64.
-    num_warps, num_stages: Triton compiler parameters (None: 4 warps, 3 stages).
+    num_warps, num_stages: Triton compiler parameters (None: 4 warps, 4 stages: three
+      steps of weight in flight per program, ~14 KiB at the default blocks).
     interpret: run in the Pallas interpreter (CPU).
 
   Returns:
@@ -291,7 +295,8 @@ def matmul(x: jax.Array, layout: DecodeLayout, *, m: int, block_tokens: int | No
       grid=grid,
       in_specs=[whole(x), blocked(layout.values), blocked(layout.meta), columns_spec],
       out_specs=whole(out_shape),
-      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      compiler_params=pltriton.CompilerParams(
+          num_warps=num_warps, num_stages=DEFAULT_STAGES if num_stages is None else num_stages),
       interpret=interpret,
       name="vnm_decode",
   )(x, *layout)
