@@ -226,7 +226,9 @@ def tune_prefill(bench, shape, configs, tokens):
   for i, config in enumerate(configs):
     v = VNMConfig.parse(config).v
     # The first config gets the full grid, the others tile sizes and warps only.
-    warps_stages = ((4, 3), (8, 3), (8, 4)) if i == 0 else ((4, 3), (8, 3))
+    # Stages 3 and 4 build the same 2-buffer pipeline here (bench/triton_check.py); 5
+    # gives 3 buffers. 16 warps halve the accumulator's registers per thread.
+    warps_stages = ((4, 3), (8, 3), (8, 5), (16, 3)) if i == 0 else ((4, 3), (8, 3))
     groups = args.prefill_block_groups if i == 0 else args.prefill_block_groups[1:2]
     for bt, bg, (warps, stages) in itertools.product(args.prefill_block_tokens, groups,
                                                      warps_stages):

@@ -65,8 +65,9 @@ class TestPrefill:
     layout = prefill.prepare(values, meta, columns, m=m, block_groups=4)
     x = jnp.asarray(np.random.default_rng(1).standard_normal((tokens, 45)), jnp.float32)
     dense = layout_dense(values, meta, columns, m)
-    assert_close(self.matmul(x, layout, m, block_tokens=16), np.asarray(x, np.float64) @ dense[:45],
-                 x, dense, jnp.float32, "vs layout definition")
+    y = self.matmul(x, layout, m, block_tokens=16)
+    assert_close(y, np.asarray(x, np.float64) @ dense[:45], x, dense, jnp.float32,
+                 "vs layout definition")
 
 
 class TestPrefillInterpret(TestPrefill):
@@ -83,7 +84,8 @@ class TestPrefillInterpret(TestPrefill):
     layout = prefill.prepare(values, meta, columns, m=m, block_groups=8)
     assert layout.weight.shape == (2, 2, 32, 32) and layout.columns.shape == (2, 2, 32)
     # Step 1, group 2 of the step (group 10), kept column 3: row 2*4 + 3 of the step.
-    np.testing.assert_array_equal(np.asarray(layout.columns[:, 1, 11]), np.asarray(columns[:, 3, 10]))
+    np.testing.assert_array_equal(np.asarray(layout.columns[:, 1, 11]),
+                                  np.asarray(columns[:, 3, 10]))
     dense = layout_dense(values, meta, columns, m)
     rows = np.asarray(columns[:, 3, 10])
     for r in range(2):

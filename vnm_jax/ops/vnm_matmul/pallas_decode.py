@@ -1,12 +1,13 @@
 """Pallas (Triton GPU) decode kernel for ``y = x @ W``, W in the V:N:M layout, 1-64 tokens.
 
 At decode sizes the time is reading the weight once: dense bf16 4096x4096 is 32 MiB, the
-packed 64:2:8 weight ~0.28x of it, so the byte limits are ~3.4x (64:2:8), ~2.1x (64:2:5)
+packed 64:2:8 weight 0.297x of it, so the byte limits are ~3.4x (64:2:8), ~2.1x (64:2:5)
 and ~1.7x (2:4) of dense. FLOPs are nearly free. The design follows from that:
 
 - **The packed bytes only.** The kernel reads the 2 kept values per output row and group
   and their 2-bit positions (a nibble), and expands the 4 condensed weight slots in
-  registers (selects); the 2:4 zeros are never read. Each byte is read by one program.
+  registers (selects); the 2:4 zeros are never read. Each value and position byte is
+  read by one program (the column indices by the J programs of their row block).
 - **Pre-tiled offline** (:func:`prepare`): the weight is cut into per-program, per-step
   blocks that are contiguous in memory: ``values`` (R, J, S, 2, BG, BV), ``meta``
   (R, J, S, BG, BV/2) and ``columns`` (R, S, 4, BG), for BV outputs of a row block
@@ -23,8 +24,9 @@ and ~1.7x (2:4) of dense. FLOPs are nearly free. The design follows from that:
   a token mask, so ragged T and K need no padding op around the call.
 - **Any token count, one code path**: per step four (BT, BG) @ (BG, BV) dots, one per
   kept-column slot, BT a power of 2 >= 16 (Triton's smallest dot); rows past T are
-  clamped on load and masked on store. At one token the 16 rows read one address (a
-  broadcast in L1) and the dot's extra rows are free; a dot-free one-token path was
+  clamped on load and masked on store. At one token the 16 rows read one address (in
+  the sm_90 build 16 lanes of a warp share a column: a broadcast) and the dot's extra
+  rows are free; a dot-free one-token path was
   tried and dropped: Triton software-pipelines only loops that feed a dot, and
   unpipelined its loads waited a DRAM latency every step (SASS of the sm_90 build).
 
@@ -34,7 +36,8 @@ does), which Mosaic GPU cannot do on Hopper (no array-index loads; TMA gather is
 Blackwell-only), and the in-register expansion (uint8 nibbles, selects) is plain
 elementwise Triton code. Kept to what the Triton lowering accepts: power-of-2 loaded
 shapes, no scalar prefetch, no ``pl.load``/``pl.store`` (ref indexing; masked stores
-through ``pltriton.store``). Deprecated in jax 0.11 but present; ran on an H200 before.
+through ``pltriton.store``). Deprecated in jax 0.11 but present (issue 3's kernel ran on
+it on an H200 with jax 0.11.2).
 Not yet measured on a GPU: bench/gpu_kernels.py sweeps ``block_v``, ``block_groups``,
 ``num_warps`` and ``num_stages`` against cuBLAS.
 """
@@ -50,10 +53,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from vnm_jax.ops.vnm_matmul import _pallas_common as common
+from vnm_jax.ops.vnm_matmul._pallas_common import MIN_BLOCK
 from vnm_jax.ops.vnm_matmul.layout import KEPT_COLUMNS, pack_positions, positions, scatter
 
-SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-MIN_BLOCK = 16  # Triton's smallest dot dimension: BV, BG and the token tile.
 MAX_TOKEN_TILE = 64  # largest token tile (registers: four (BT, BG) x tiles, twice)
 # Programs to aim for: ~2 per SM of an H100/H200 (132 SMs), so HBM sees enough loads
 # in flight without splitting K.
@@ -83,25 +86,10 @@ class DecodeLayout(NamedTuple):
   columns: jax.Array
 
 
-def _is_power_of_2(n) -> bool:
-  return isinstance(n, int) and not isinstance(n, bool) and n >= 1 and n & (n - 1) == 0
-
-
-def _next_power_of_2(n: int) -> int:
-  return 1 << max(0, (n - 1).bit_length())
-
-
 def unsupported_reason(v: int, m: int, dtype, tokens: int | None = None) -> str | None:
   """Why the decode kernel cannot take V, M, dtype (and a token count), or None."""
   del tokens  # Any token count runs; above MAX_TOKEN_TILE it tiles tokens (slower).
-  if jnp.dtype(dtype) not in [jnp.dtype(d) for d in SUPPORTED_DTYPES]:
-    return f"dtype {jnp.dtype(dtype).name} is not one of float32, bfloat16, float16"
-  if not _is_power_of_2(v) or v < MIN_BLOCK:
-    return (f"V={v} is not a power of 2 >= {MIN_BLOCK} (Triton needs power-of-2 tiles and "
-            f"dots of width >= {MIN_BLOCK})")
-  if not isinstance(m, int) or m < KEPT_COLUMNS:
-    return f"M={m} is not an int >= {KEPT_COLUMNS}"
-  return None
+  return common.unsupported_reason(v, m, dtype)
 
 
 def default_blocks(v: int, groups: int, row_blocks: int, dtype) -> tuple[int, int]:
@@ -110,25 +98,9 @@ def default_blocks(v: int, groups: int, row_blocks: int, dtype) -> tuple[int, in
   while block_v > MIN_BLOCK and row_blocks * (v // block_v) < TARGET_PROGRAMS:
     block_v //= 2
   target = TARGET_STEP_BYTES // (2 * block_v * jnp.dtype(dtype).itemsize)
-  block_groups = max(MIN_BLOCK, min(_next_power_of_2(target), _next_power_of_2(groups)))
+  block_groups = max(MIN_BLOCK, min(common.next_power_of_2(target),
+                                    common.next_power_of_2(groups)))
   return block_v, block_groups
-
-
-def _check_stored(values, meta, columns, m) -> None:
-  if values.ndim != 4 or values.shape[1] != 2:
-    raise ValueError(f"values must have shape (R, 2, G, V), got {values.shape}.")
-  r, _, g, v = values.shape
-  if jnp.dtype(values.dtype) not in [jnp.dtype(d) for d in SUPPORTED_DTYPES]:
-    raise TypeError(f"values must be float32, bfloat16 or float16, got {values.dtype}.")
-  if meta.shape != (r, g, -(-v // 2)) or meta.dtype != jnp.uint8:
-    raise ValueError(f"meta must be uint8 of shape {(r, g, -(-v // 2))}, got {meta.dtype} "
-                     f"{meta.shape}.")
-  if columns.shape != (r, KEPT_COLUMNS, g) or columns.dtype != jnp.int32:
-    raise ValueError(f"columns must be int32 of shape {(r, KEPT_COLUMNS, g)}, got "
-                     f"{columns.dtype} {columns.shape}.")
-  reason = unsupported_reason(v, m, values.dtype)
-  if reason is not None:
-    raise ValueError(f"the decode kernel cannot take this weight: {reason}.")
 
 
 @functools.partial(jax.jit, static_argnames=("m", "block_v", "block_groups"))
@@ -141,14 +113,14 @@ def prepare(values: jax.Array, meta: jax.Array, columns: jax.Array, *, m: int,
   2 in [16, V]) outputs per program and ``block_groups`` (BG, a power of 2 >= 16)
   groups per step, defaults from :func:`default_blocks`.
   """
-  _check_stored(values, meta, columns, m)
+  common.check_stored(values, meta, columns, m, "decode")
   r, _, g, v = values.shape
   default_v, default_g = default_blocks(v, g, r, values.dtype)
   bv = default_v if block_v is None else block_v
   bg = default_g if block_groups is None else block_groups
-  if not _is_power_of_2(bv) or not MIN_BLOCK <= bv <= v:
+  if not common.is_power_of_2(bv) or not MIN_BLOCK <= bv <= v:
     raise ValueError(f"block_v must be a power of 2 in [{MIN_BLOCK}, V={v}], got {bv!r}.")
-  if not _is_power_of_2(bg) or bg < MIN_BLOCK:
+  if not common.is_power_of_2(bg) or bg < MIN_BLOCK:
     raise ValueError(f"block_groups must be a power of 2 >= {MIN_BLOCK}, got {bg!r}.")
   steps, slices = -(-g // bg), v // bv
   pad = ((0, 0),) * 2 + ((0, steps * bg - g), (0, 0))
@@ -228,12 +200,7 @@ def _kernel(x_ref, values_ref, meta_ref, columns_ref, y_ref, *, block_tokens: in
 def _validate(x, layout: DecodeLayout, m) -> None:
   if not isinstance(layout, DecodeLayout):
     raise TypeError(f"layout must be a DecodeLayout from prepare(), got {type(layout).__name__}.")
-  if x.ndim != 2:
-    raise ValueError(f"x must be 2D (tokens, in_features), got shape {x.shape}.")
-  if x.shape[0] < 1:
-    raise ValueError(f"x must have at least one token, got shape {x.shape}.")
-  if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in SUPPORTED_DTYPES]:
-    raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}.")
+  common.check_x(x, m)
   values, meta, columns = layout
   if values.ndim != 6 or values.shape[3] != 2:
     raise ValueError(f"layout.values must be (R, J, S, 2, BG, BV), got {values.shape}.")
@@ -246,8 +213,6 @@ def _validate(x, layout: DecodeLayout, m) -> None:
   if columns.shape != (r, s, KEPT_COLUMNS, bg) or columns.dtype != jnp.int32:
     raise ValueError(f"layout.columns must be int32 {(r, s, KEPT_COLUMNS, bg)}, got "
                      f"{columns.dtype} {columns.shape}.")
-  if not isinstance(m, int) or isinstance(m, bool) or m < KEPT_COLUMNS:
-    raise ValueError(f"m must be an int >= {KEPT_COLUMNS}, got {m!r}.")
   if x.shape[1] > s * bg * m:
     raise ValueError(f"x has {x.shape[1]} features but the weight covers at most "
                      f"{s * bg * m} (S*BG*M).")
@@ -281,8 +246,9 @@ def matmul(x: jax.Array, layout: DecodeLayout, *, m: int, block_tokens: int | No
                                    lambda jj, rr, *_: (rr, jj) + (0,) * (a.ndim - 2))
   whole = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)  # noqa: E731
   if block_tokens is None:
-    block_tokens = min(MAX_TOKEN_TILE, max(MIN_BLOCK, _next_power_of_2(tokens)))
-  if not _is_power_of_2(block_tokens) or not MIN_BLOCK <= block_tokens <= MAX_TOKEN_TILE:
+    block_tokens = min(MAX_TOKEN_TILE, max(MIN_BLOCK, common.next_power_of_2(tokens)))
+  if (not common.is_power_of_2(block_tokens)
+      or not MIN_BLOCK <= block_tokens <= MAX_TOKEN_TILE):
     raise ValueError(f"block_tokens must be a power of 2 in [{MIN_BLOCK}, {MAX_TOKEN_TILE}] "
                      f"or None, got {block_tokens!r}.")
   grid = (j, r, -(-tokens // block_tokens))

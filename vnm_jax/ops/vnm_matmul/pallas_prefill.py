@@ -5,21 +5,23 @@ runs 4/M of the dense FLOPs with dense MMA, limits 2x (M=8) and 1.25x (M=5) of c
 no Pallas route reaches Hopper's sparse MMA (Mosaic GPU emits dense wgmma only). To get
 near the limit the kernel must look like a good dense GEMM tile:
 
-- **Wide tiles, transposed roles.** A program owns one row block (V outputs) and a
-  token tile of BT tokens and accumulates the (BT, V) tile over the row block's 4G
-  condensed inputs, BG groups (4*BG inputs) a step: ``acc += Xg^T @ W`` with Xg the
-  (4*BG, BT) gathered activations and W the (4*BG, V) condensed weight. The gathered
-  x tile is reused V times and the weight tile BT times: at V=128, BT=256 that is
-  the reuse of cuBLAS's 128x256 tile (the kernel of issue 3 had 64-wide output
-  tiles: half the reuse). Gathered-x traffic relative to a dense tile's ~1024/(V*M),
-  so V=128 at M=8 is the natural fast config.
+- **Wide tiles, transposed output.** A program owns one row block (V outputs) and a
+  token tile of BT tokens and accumulates the transposed output tile (V, BT) over the
+  row block's 4G condensed inputs, BG groups (4*BG inputs) a step: ``acc += W @ Xg``
+  with W the (V, 4*BG) condensed weight and Xg the (4*BG, BT) gathered activations,
+  both operands of the wgmma straight from shared memory (in the (BT, V) orientation
+  Triton loaded the gathered operand into registers with ldmatrix); the tile is
+  transposed once, at the store. The gathered x tile is reused V times and the weight
+  tile BT times: at V=128, BT=256 that is the reuse of cuBLAS's 128x256 tile (the
+  kernel of issue 3 had 64-wide output tiles: half the reuse). Gathered-x traffic
+  relative to a dense tile's ~1024/(V*M), so V=128 at M=8 is the natural fast config.
 - **x transposed once per call** (one fused pad+transpose, x's bytes, ~5-10% of a
   4096-token matmul): a gathered input feature is then a contiguous row of BT tokens,
   so the gather is BT-wide, 16-byte-vectorised, asynchronous (cp.async) rows, whatever
   the columns (an input permutation costs nothing here).
-- **Weight pre-tiled offline** (:func:`prepare`): ``weight`` (R, S, 4*BG, V) and
+- **Weight pre-tiled offline** (:func:`prepare`): ``weight`` (R, S, V, 4*BG) and
   ``columns`` (R, S, 4*BG), one contiguous block per program step, groups padded to
-  S*BG with zero weights; each step's loads are one contiguous (4*BG, V) block and
+  S*BG with zero weights; each step's loads are one contiguous (V, 4*BG) block and
   4*BG indices. Condensed, not packed: the in-kernel expansion of packed values costs
   ALU work every token tile repeats (measured 0.34 vs 0.24 ms at 4096 tokens on an
   H200 with the kernel of issue 3), and prefill is not bound by weight bytes.
@@ -49,10 +51,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from vnm_jax.ops.vnm_matmul import _pallas_common as common
+from vnm_jax.ops.vnm_matmul._pallas_common import MIN_BLOCK
 from vnm_jax.ops.vnm_matmul.layout import KEPT_COLUMNS, condense
 
-SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-MIN_BLOCK = 16  # Triton's smallest dot dimension: V, 4*BG and the token tile.
 MAX_TOKEN_TILE = 256
 DEFAULT_BLOCK_GROUPS = 16  # 64 condensed inputs a step: 16 KiB of bf16 weight at V=128
 
@@ -64,8 +66,8 @@ class PrefillLayout(NamedTuple):
   group-major (``i = g*4 + p`` for kept column p of group g):
 
   Attributes:
-    weight: (R, S, 4*BG, V), the weight dtype: the condensed weight (2:4 zeros stored);
-      ``weight[r, s, i, v]`` multiplies input ``columns[r, s, i]`` into output r*V + v.
+    weight: (R, S, V, 4*BG), the weight dtype: the condensed weight (2:4 zeros stored);
+      ``weight[r, s, v, i]`` multiplies input ``columns[r, s, i]`` into output r*V + v.
     columns: (R, S, 4*BG) int32: absolute input features (0, with zero weight, past G).
   """
 
@@ -73,42 +75,10 @@ class PrefillLayout(NamedTuple):
   columns: jax.Array
 
 
-def _is_power_of_2(n) -> bool:
-  return isinstance(n, int) and not isinstance(n, bool) and n >= 1 and n & (n - 1) == 0
-
-
-def _next_power_of_2(n: int) -> int:
-  return 1 << max(0, (n - 1).bit_length())
-
-
 def unsupported_reason(v: int, m: int, dtype, tokens: int | None = None) -> str | None:
   """Why the prefill kernel cannot take V, M, dtype (and a token count), or None."""
-  del tokens  # Any token count runs; below ~256 the decode kernel is the one to use.
-  if jnp.dtype(dtype) not in [jnp.dtype(d) for d in SUPPORTED_DTYPES]:
-    return f"dtype {jnp.dtype(dtype).name} is not one of float32, bfloat16, float16"
-  if not _is_power_of_2(v) or v < MIN_BLOCK:
-    return (f"V={v} is not a power of 2 >= {MIN_BLOCK} (Triton needs power-of-2 tiles and "
-            f"dots of width >= {MIN_BLOCK})")
-  if not isinstance(m, int) or m < KEPT_COLUMNS:
-    return f"M={m} is not an int >= {KEPT_COLUMNS}"
-  return None
-
-
-def _check_stored(values, meta, columns, m) -> None:
-  if values.ndim != 4 or values.shape[1] != 2:
-    raise ValueError(f"values must have shape (R, 2, G, V), got {values.shape}.")
-  r, _, g, v = values.shape
-  if jnp.dtype(values.dtype) not in [jnp.dtype(d) for d in SUPPORTED_DTYPES]:
-    raise TypeError(f"values must be float32, bfloat16 or float16, got {values.dtype}.")
-  if meta.shape != (r, g, -(-v // 2)) or meta.dtype != jnp.uint8:
-    raise ValueError(f"meta must be uint8 of shape {(r, g, -(-v // 2))}, got {meta.dtype} "
-                     f"{meta.shape}.")
-  if columns.shape != (r, KEPT_COLUMNS, g) or columns.dtype != jnp.int32:
-    raise ValueError(f"columns must be int32 of shape {(r, KEPT_COLUMNS, g)}, got "
-                     f"{columns.dtype} {columns.shape}.")
-  reason = unsupported_reason(v, m, values.dtype)
-  if reason is not None:
-    raise ValueError(f"the prefill kernel cannot take this weight: {reason}.")
+  del tokens  # Any token count runs; below ~64-256 the decode kernel is the faster.
+  return common.unsupported_reason(v, m, dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("m", "block_groups"))
@@ -120,10 +90,10 @@ def prepare(values: jax.Array, meta: jax.Array, columns: jax.Array, *, m: int,
   uint8, ``columns`` (R, 4, G) int32, ``m`` the config's M, ``block_groups`` (BG, a
   power of 2 >= 4: 4*BG >= 16 is the dot's depth) groups per step, default 16.
   """
-  _check_stored(values, meta, columns, m)
+  common.check_stored(values, meta, columns, m, "prefill")
   r, _, g, v = values.shape
   bg = DEFAULT_BLOCK_GROUPS if block_groups is None else block_groups
-  if not _is_power_of_2(bg) or KEPT_COLUMNS * bg < MIN_BLOCK:
+  if not common.is_power_of_2(bg) or KEPT_COLUMNS * bg < MIN_BLOCK:
     raise ValueError(f"block_groups must be a power of 2 >= {MIN_BLOCK // KEPT_COLUMNS}, "
                      f"got {bg!r}.")
   steps = -(-g // bg)
@@ -163,12 +133,7 @@ def _validate(x, layout: PrefillLayout, m) -> None:
   if not isinstance(layout, PrefillLayout):
     raise TypeError(f"layout must be a PrefillLayout from prepare(), got "
                     f"{type(layout).__name__}.")
-  if x.ndim != 2:
-    raise ValueError(f"x must be 2D (tokens, in_features), got shape {x.shape}.")
-  if x.shape[0] < 1:
-    raise ValueError(f"x must have at least one token, got shape {x.shape}.")
-  if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in SUPPORTED_DTYPES]:
-    raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}.")
+  common.check_x(x, m)
   weight, columns = layout
   if weight.ndim != 4:
     raise ValueError(f"layout.weight must be (R, S, V, 4*BG), got {weight.shape}.")
@@ -178,8 +143,6 @@ def _validate(x, layout: PrefillLayout, m) -> None:
   if columns.shape != (r, s, kb) or columns.dtype != jnp.int32:
     raise ValueError(f"layout.columns must be int32 {(r, s, kb)}, got {columns.dtype} "
                      f"{columns.shape}.")
-  if not isinstance(m, int) or isinstance(m, bool) or m < KEPT_COLUMNS:
-    raise ValueError(f"m must be an int >= {KEPT_COLUMNS}, got {m!r}.")
   if x.shape[1] > s * kb // KEPT_COLUMNS * m:
     raise ValueError(f"x has {x.shape[1]} features but the weight covers at most "
                      f"{s * kb // KEPT_COLUMNS * m} (S*BG*M).")
@@ -210,8 +173,9 @@ def matmul(x: jax.Array, layout: PrefillLayout, *, m: int, block_tokens: int | N
   tokens = x.shape[0]
   r, s, v, kb = layout.weight.shape
   if block_tokens is None:
-    block_tokens = min(MAX_TOKEN_TILE, max(MIN_BLOCK, _next_power_of_2(tokens)))
-  if not _is_power_of_2(block_tokens) or not MIN_BLOCK <= block_tokens <= MAX_TOKEN_TILE:
+    block_tokens = min(MAX_TOKEN_TILE, max(MIN_BLOCK, common.next_power_of_2(tokens)))
+  if (not common.is_power_of_2(block_tokens)
+      or not MIN_BLOCK <= block_tokens <= MAX_TOKEN_TILE):
     raise ValueError(f"block_tokens must be a power of 2 in [{MIN_BLOCK}, {MAX_TOKEN_TILE}] "
                      f"or None, got {block_tokens!r}.")
   if num_warps is None:
