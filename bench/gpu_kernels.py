@@ -15,6 +15,9 @@ Sections, in the order they run:
                 decode at 1 and 16 tokens, prefill at 4096 tokens, with the tuned best
                 options where tuning ran (else the defaults).
 
+Weights: random normal values at random 2-of-4 positions of 4 random columns per group
+(what ``compress`` stores for a kernel without a permutation), built on the device.
+
 Timing (.library/device/METHOD.md): a timed call is one jitted function running
 ``--chain`` matmuls, each on its own copy of the weight (copies, so that no weight sits
 in the H200's 60 MB L2 from one matmul to the next, as in a model whose layers differ)
@@ -38,8 +41,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vnm_jax import compress, decompress
+from vnm_jax import VNMWeight, decompress
 from vnm_jax.config import VNMConfig
+from vnm_jax.ops.vnm_matmul.layout import pack_positions
 from vnm_jax.benchmarking import time_calls
 from vnm_jax.ops.vnm_matmul import pallas_decode, pallas_prefill
 
@@ -81,9 +85,7 @@ class Bench:
     """(w, dense weight copies, xs, exact y of xs[0]) for a shape, config and token count."""
     k, n = shape
     if (shape, config) not in self._compressed:
-      rng = np.random.default_rng(0)
-      kernel = jnp.asarray(rng.standard_normal((k, n)), jnp.float32).astype(self.dtype)
-      self._compressed[(shape, config)] = compress(kernel, config)
+      self._compressed[(shape, config)] = random_weight(shape, config, self.dtype)
     w = self._compressed[(shape, config)]
     key = (shape, config, self.args.chain)
     if self._problem_key != key:
@@ -157,6 +159,24 @@ class Bench:
     if table:
       with open(os.path.join(self.args.out_dir, f"crossover_{self.dtype.name}.json"), "w") as f:
         json.dump({**meta, **table}, f, indent=1)
+
+
+def random_weight(shape, config, dtype, seed=0) -> VNMWeight:
+  """A random V:N:M weight built on the device (compress's host-side checks take seconds
+  at these sizes): normal values, random 2-of-4 positions, 4 sorted distinct columns of
+  each group of M (the layout compress gives without a permutation)."""
+  cfg = VNMConfig.parse(config)
+  k, n = shape
+  groups, row_blocks = -(-k // cfg.m), -(-n // cfg.v)
+  key_v, key_p, key_c = jax.random.split(jax.random.key(seed), 3)
+  values = jax.random.normal(key_v, (row_blocks, 2, groups, cfg.v), jnp.float32).astype(dtype)
+  pairs = jnp.array([(a, b) for a in range(4) for b in range(a + 1, 4)], jnp.int32)
+  chosen = pairs[jax.random.randint(key_p, (row_blocks, groups, cfg.v), 0, len(pairs))]
+  meta = pack_positions(jnp.moveaxis(chosen, -1, 1))  # (R, 2, G, V) -> (R, G, V/2)
+  order = jnp.argsort(jax.random.uniform(key_c, (row_blocks, groups, cfg.m)), axis=-1)
+  within = jnp.sort(order[..., :4], axis=-1)
+  columns = (within + jnp.arange(groups)[:, None] * cfg.m).transpose(0, 2, 1).astype(jnp.int32)
+  return VNMWeight(values, meta, columns, None, (k, n), cfg)
 
 
 def best(records, **match):
