@@ -231,8 +231,10 @@ def matmul(x: jax.Array, layout: DecodeLayout, *, m: int, block_tokens: int | No
     m: M of the config.
     block_tokens: token tile of the dot path (power of 2 in [16, 64]); default the
       smallest power of 2 >= T, capped at 64.
-    num_warps, num_stages: Triton compiler parameters (None: 4 warps, 4 stages: three
-      steps of weight in flight per program, ~14 KiB at the default blocks).
+    num_warps: Triton warps per program; default 4 for a 16-token tile, 8 above (the
+      x tiles in flight spill 4 warps' registers at 32 tokens, in the sm_90 build).
+    num_stages: Triton pipeline depth; default 4: three steps of weight in flight per
+      program, ~14 KiB at the default blocks.
     interpret: run in the Pallas interpreter (CPU).
 
   Returns:
@@ -252,6 +254,8 @@ def matmul(x: jax.Array, layout: DecodeLayout, *, m: int, block_tokens: int | No
     raise ValueError(f"block_tokens must be a power of 2 in [{MIN_BLOCK}, {MAX_TOKEN_TILE}] "
                      f"or None, got {block_tokens!r}.")
   grid = (j, r, -(-tokens // block_tokens))
+  if num_warps is None:
+    num_warps = 4 if block_tokens <= MIN_BLOCK else 8
   columns_spec = pl.BlockSpec((None, *layout.columns.shape[1:]),
                               lambda jj, rr, *_: (rr, 0, 0, 0))
   out_shape = jax.ShapeDtypeStruct((tokens, r * j * bv), x.dtype)
