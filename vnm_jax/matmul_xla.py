@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from vnm_jax.ops.vnm_matmul.layout import KEPT_COLUMNS, condense, positions_of
+from vnm_jax.ops.vnm_matmul.layout import KEPT_COLUMNS, condense, positions
 
 # Row blocks per lax.map step on CPU (tuned in bench/kernel.py --tune-xla).
 DEFAULT_BLOCKS_PER_STEP = 2
@@ -96,7 +96,8 @@ def matmul_blocks_vjp(x_pad: jax.Array, values: jax.Array, meta: jax.Array, colu
     weight_grad = lax.dot_general(gathered, block_dyt, (((1,), (1,)), ((), ())),
                                   preferred_element_type=jnp.float32)
     weight_grad = weight_grad.reshape(KEPT_COLUMNS, groups, v)
-    pos0, pos1 = positions_of(block_meta, v)
+    pos = positions(block_meta, v)
+    pos0, pos1 = pos[0], pos[1]
     value_grad = jnp.stack([jnp.take_along_axis(weight_grad, pos[None], axis=0)[0]
                             for pos in (pos0, pos1)])  # (2, G, V)
     weight = condense(block_values, block_meta).reshape(KEPT_COLUMNS * groups, v)
