@@ -5,11 +5,11 @@ from vnm_jax.calibration import collect_input_norms
 from vnm_jax.checkpoint import CheckpointError, Checkpointer
 from vnm_jax.config import VNMConfig
 from vnm_jax.format import VNMWeight, compress, decompress
-from vnm_jax.layers import VNMDense, VNMIndex, VNMLinear, convert_to_vnm
+from vnm_jax.layers import VNMDense, VNMIndex, VNMLinear, VNMPrepared, convert_to_vnm
 from vnm_jax.lora import (LoRAAdapter, ThreeStageLoRAState, default_stage_steps, init_lora,
                           lora_masks, lora_params, merge_lora, three_stage_lora)
 from vnm_jax.masks import as_matrix, from_matrix, is_vnm, nm_mask, vnm_mask
-from vnm_jax.matmul import vnm_matmul
+from vnm_jax.matmul import PreparedVNMWeight, prepare, vnm_matmul
 from vnm_jax.permutation import Permutation
 from vnm_jax.permutation_search import (FoldedPair, LayerPermutationReport, PermutationTable,
                                         find_permutation, fold_output_permutation, kept_score,
@@ -36,6 +36,7 @@ __all__ = [
     "MatmulTiming",
     "Permutation",
     "PermutationTable",
+    "PreparedVNMWeight",
     "SRSTEState",
     "SparsitySummary",
     "ThreeStageLoRAState",
@@ -43,6 +44,7 @@ __all__ = [
     "VNMDense",
     "VNMIndex",
     "VNMLinear",
+    "VNMPrepared",
     "VNMWeight",
     "as_matrix",
     "collect_input_norms",
@@ -70,6 +72,7 @@ __all__ = [
     "merge_lora",
     "model_gemm_shapes",
     "nm_mask",
+    "prepare",
     "rank_candidates",
     "ria_score",
     "select_vm",

@@ -148,7 +148,7 @@ def _validate_static(w: VNMWeight) -> None:
   expected = layout.layout_shapes(w.shape, w.config)
   for name, dtype_ok, allowed in (
       ("values", lambda d: jnp.issubdtype(d, jnp.floating), "a floating dtype"),
-      ("meta", lambda d: d == jnp.uint8, "uint8"),
+      ("meta", lambda d: d == jnp.uint8, "dtype uint8"),
       ("columns", lambda d: jnp.issubdtype(d, jnp.integer), "an integer dtype")):
     array = getattr(w, name)
     if tuple(jnp.shape(array)) != expected[name]:
@@ -226,7 +226,8 @@ def compress(kernel: jax.Array, config: VNMConfig | str, *, mask: jax.Array | No
 
   Returns:
     A validated :class:`VNMWeight` with ``decompress(w) == kernel * mask`` exactly.
-    Runs on the host (the mask's structure is checked); not for use inside jit.
+    Runs on the host (the mask's structure is checked); not for use inside jit. Under
+    ``jax.eval_shape`` (to get a checkpoint's target structure) the checks are skipped.
   """
   config = VNMConfig.parse(config)
   kernel = jnp.asarray(kernel)
@@ -251,15 +252,20 @@ def compress(kernel: jax.Array, config: VNMConfig | str, *, mask: jax.Array | No
             else jnp.asarray(permutation.inputs))
   values, meta, columns, structure_ok = layout.pack(permuted_kernel, permuted_mask, inputs,
                                                     config)
+  if isinstance(structure_ok, jax.core.Tracer):  # jax.eval_shape (abstract structure): no checks
+    return VNMWeight(values, meta, columns, _output_index(permutation), shape, config)
   if not bool(structure_ok):
     where = " after the permutation" if permutation is not None else ""
     raise ValueError(f"mask is not {config}{where}: some V x M block uses more than 4 input "
                      f"columns or some row keeps more than 2 of a group; compute it with "
                      f"vnm_mask(..., permutation=...).")
-  output_index = None
-  if permutation is not None and permutation.outputs is not None:
-    output_index = inverse(permutation.outputs).astype(jnp.int32)
-  return VNMWeight(values, meta, columns, output_index, shape, config).validate()
+  return VNMWeight(values, meta, columns, _output_index(permutation), shape, config).validate()
+
+
+def _output_index(permutation: Permutation | None) -> jax.Array | None:
+  if permutation is None or permutation.outputs is None:
+    return None
+  return inverse(permutation.outputs).astype(jnp.int32)
 
 
 @jax.jit
