@@ -182,6 +182,10 @@ def test_prepare_layouts_and_bytes():
   assert pallas.layout.prefill is not None
   two_four = prepare(compress(jnp.ones((64, 64)), "2:4"), implementation="pallas")
   assert two_four.layout.prefill is None  # 2:4 prefill would run dense FLOPs: decode only
+  decode_only = prepare(w, implementation="pallas", max_tokens=1)
+  assert decode_only.layout.prefill is None and decode_only.nbytes < pallas.nbytes
+  x = jax.random.normal(jax.random.key(0), (70, 512), jnp.bfloat16)  # Runs on the decode layout.
+  check_against_references(vnm_matmul(x, decode_only), x, w, jnp.bfloat16)
   assert jax.tree.structure(jax.jit(lambda p: p)(prepared)) == jax.tree.structure(prepared)
 
 
@@ -259,8 +263,15 @@ def test_bad_inputs_raise():
     prepare(w, dtype=jnp.int8)
   with pytest.raises(ValueError, match="implementation must be one of"):
     prepare(w, implementation="triton")
+  with pytest.raises(ValueError, match="max_tokens must be a positive int or None, got 0"):
+    prepare(w, max_tokens=0)
   damaged = VNMWeight(w.values, w.meta, w.columns.at[0, 0, 0].set(999), None, w.shape,
                       w.config)
   with pytest.raises(ValueError, match=r"VNMWeight.columns\[0, 0, 0\] = 999 is out of range"):
     prepare(damaged)
   assert api.PERTURBED_PREPARED_MSG.startswith("vnm_matmul:")
+  empty = VNMWeight(w.values[:, :, :0], w.meta[:, :0], w.columns[:, :, :0], None, (0, 100),
+                    w.config)
+  for call in (lambda: prepare(empty, validate=False), lambda: vnm_matmul(x[:, :0], empty)):
+    with pytest.raises(ValueError, match=r"w.shape has a zero-size dimension: shape \(0, 100\)"):
+      call()

@@ -335,7 +335,8 @@ def _convert_nnx(model: nnx.Module, masks: dict, config_of, permutations, implem
   _check_all_found(masks, linears)
   if () in [linears[kernel_path] for kernel_path in masks]:
     raise ValueError("model is itself an nnx.Linear; use VNMLinear.from_linear.")
-  configs = {kernel_path: config_of(kernel_path) for kernel_path in masks}  # Fail before any change.
+  # Resolve every config before changing the model, so that a missing one changes nothing.
+  configs = {kernel_path: config_of(kernel_path) for kernel_path in masks}
   for kernel_path, mask in masks.items():
     path = linears[kernel_path]
     layer = VNMLinear.from_linear(modules[path], configs[kernel_path], mask=mask,

@@ -1,4 +1,4 @@
-"""``vnm_matmul``: the public op, kept importable from here (it lives in ``vnm_jax.ops.vnm_matmul``)."""
+"""``vnm_matmul`` and ``prepare``: kept importable from here; they live in ``vnm_jax.ops.vnm_matmul``."""
 
 from vnm_jax.ops.vnm_matmul.api import vnm_matmul
 from vnm_jax.ops.vnm_matmul.prepared import (IMPLEMENTATIONS, PreparedVNMWeight, prepare,

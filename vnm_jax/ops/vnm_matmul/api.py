@@ -28,10 +28,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
-
 from jax.custom_derivatives import SymbolicZero
 
-from vnm_jax.format import VNMWeight
+from vnm_jax.format import VNMWeight, check_kernel_shape
 from vnm_jax.ops.vnm_matmul import dispatch, pallas_decode, pallas_prefill, xla
 from vnm_jax.ops.vnm_matmul.prepared import (PallasLayouts, PreparedVNMWeight, build_layout,
                                              check_implementation, resolve_implementation)
@@ -187,6 +186,7 @@ def vnm_matmul(x: jax.Array, w: VNMWeight | PreparedVNMWeight, *,
     raise TypeError(f"w must be a VNMWeight (vnm_jax.compress) or a PreparedVNMWeight "
                     f"(vnm_jax.prepare), got {type(w).__name__}.")
   check_implementation(implementation)
+  check_kernel_shape(w.shape, "w.shape")
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(f"x must be a floating array, got dtype {x.dtype}.")

@@ -26,8 +26,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from vnm_jax.format import VNMWeight
-from vnm_jax.ops.vnm_matmul import pallas_decode, pallas_prefill, xla
+from vnm_jax.format import VNMWeight, check_kernel_shape
+from vnm_jax.ops.vnm_matmul import dispatch, pallas_decode, pallas_prefill, xla
 from vnm_jax.ops.vnm_matmul.layout import KEPT_COLUMNS
 
 logger = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ def build_layout(values: jax.Array, meta: jax.Array, columns: jax.Array, *, m: i
 
 
 def prepare(w: VNMWeight, *, implementation: str | None = None, dtype=None,
-            validate: bool = True) -> PreparedVNMWeight:
+            max_tokens: int | None = None, validate: bool = True) -> PreparedVNMWeight:
   """Prepares a stored weight, once, for ``vnm_matmul`` (module docstring).
 
   Args:
@@ -185,6 +185,10 @@ def prepare(w: VNMWeight, *, implementation: str | None = None, dtype=None,
     dtype: the compute dtype the layout is built in (the activations' dtype); default
       the stored values' dtype. A call with x of another dtype casts the layout per
       call.
+    max_tokens: the most tokens a call will have, if known: only the layouts the
+      dispatch picks up to it are built (Pallas: ``max_tokens=1`` for decode-only
+      serving skips the prefill layout, 4/M of the dense bytes). Larger calls still
+      run, on the layout there is.
     validate: run :meth:`VNMWeight.validate` first (needs concrete arrays; skipped
       for traced ones).
 
@@ -193,15 +197,22 @@ def prepare(w: VNMWeight, *, implementation: str | None = None, dtype=None,
 
   Raises:
     TypeError: ``w`` is not a VNMWeight, or ``dtype`` is not a float dtype.
-    ValueError: ``implementation`` is unknown, or ``w`` fails validation.
+    ValueError: ``implementation`` or ``max_tokens`` is invalid, or ``w`` fails validation.
   """
   if not isinstance(w, VNMWeight):
     raise TypeError(f"w must be a VNMWeight (vnm_jax.compress), got {type(w).__name__}.")
   check_implementation(implementation)
+  check_kernel_shape(w.shape, "w.shape")
   dtype = _check_dtype(w.values.dtype if dtype is None else dtype)
   if validate and not isinstance(w.values, jax.core.Tracer):
     w.validate()
+  if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+                                 or max_tokens < 1):
+    raise ValueError(f"max_tokens must be a positive int or None, got {max_tokens!r}.")
   used = resolve_implementation(implementation, w.config, dtype)
+  kernels = ("decode", "prefill")
+  if max_tokens is not None and dispatch.choose_pallas(max_tokens, w.config) == "decode":
+    kernels = ("decode",)
   layout = build_layout(w.values, w.meta, w.columns, m=w.config.m, implementation=used,
-                        dtype=dtype)
+                        dtype=dtype, kernels=kernels)
   return PreparedVNMWeight(w, layout, used)
