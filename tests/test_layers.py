@@ -51,7 +51,7 @@ def test_prepared_layer_matches_masked_dense_and_holds_what_it_runs():
   # The weight is constant: only the bias trains; the layout is held, not rebuilt per call.
   assert set(nnx.to_pure_dict(nnx.state(layer, nnx.Param))) == {"bias"}
   assert set(nnx.to_pure_dict(nnx.state(layer, VNMIndex))) == {"meta", "columns"}
-  assert set(nnx.to_pure_dict(nnx.state(layer, VNMPrepared))) == {"values", "layout"}
+  assert set(nnx.to_pure_dict(nnx.state(layer, VNMPrepared))) == {"layout"}  # holds the values
   assert isinstance(layer.prepared, PreparedVNMWeight)
   expected_weight = compress(linear.kernel[...], "32:2:5", mask=mask)
   for a, b in zip(jax.tree.leaves(layer.weight), jax.tree.leaves(expected_weight)):
@@ -63,6 +63,20 @@ def test_prepared_layer_matches_masked_dense_and_holds_what_it_runs():
                              atol=1e-4 * np.abs(np.asarray(expected_grad)).max())
   grads = nnx.to_pure_dict(nnx.grad(lambda m: jnp.sum(m(x) ** 2))(layer))
   assert set(grads) == {"bias"}
+
+
+def test_prepared_layer_in_another_dtype_keeps_the_stored_values():
+  linear, mask = linear_and_mask(2)
+  weight = compress(linear.kernel[...], "32:2:5", mask=mask)
+  layer = VNMLinear(weight, linear.bias[...], dtype=jnp.bfloat16)
+  assert layer.prepared.dtype == jnp.bfloat16 and layer.values[...].dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(layer.weight.values), np.asarray(weight.values))
+  x = jax.random.normal(jax.random.key(3), (2, 40))
+  expected = x @ (linear.kernel[...] * mask) + linear.bias[...]
+  y = layer(x)
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(expected), rtol=2e-2,
+                             atol=2e-2 * float(jnp.abs(expected).max()))
 
 
 def test_unprepared_layer_is_trainable():
@@ -184,7 +198,7 @@ def test_convert_linen_variables(permuted, prepare):
   index = {"meta", "columns"} | ({"output_index"} if permuted else set())
   if prepare:
     assert set(converted["params"]["fc1"]) == {"bias"}
-    assert set(converted["vnm"]["fc1"]) == index | {"values", "layout"}
+    assert set(converted["vnm"]["fc1"]) == index | {"layout"}
   else:
     assert set(converted["params"]["fc1"]) == {"values", "bias"}
     assert set(converted["vnm"]["fc1"]) == index
@@ -195,8 +209,11 @@ def test_convert_linen_variables(permuted, prepare):
 @pytest.mark.parametrize("prepare", [True, False])
 def test_vnm_dense_init_shapes(prepare):
   variables = SparseMLP(prepare=prepare).init(jax.random.key(0), jnp.ones((2, 40)))
-  values = (variables["vnm"] if prepare else variables["params"])["fc1"]["values"]
-  assert values.shape == (2, 2, 8, 32)
+  if prepare:
+    assert "values" not in variables["vnm"]["fc1"]
+    assert variables["vnm"]["fc1"]["layout"].condensed.shape == (2, 4 * 8, 32)
+  else:
+    assert variables["params"]["fc1"]["values"].shape == (2, 2, 8, 32)
   assert variables["vnm"]["fc1"]["columns"].shape == (2, 4, 8)
   assert variables["vnm"]["fc1"]["meta"].shape == (2, 8, 16)
   # The placeholder layout is valid: zero values give zero pre-activations.

@@ -177,11 +177,17 @@ def test_prepare_layouts_and_bytes():
   assert isinstance(prepared.layout, XLALayout) and prepared.dtype == jnp.bfloat16
   assert prepared.layout.condensed.shape == (4, 4 * 64, 64)
   assert prepared.stored_nbytes == w.nbytes <= 0.3 * w.dense_nbytes
-  # Resident: the stored weight plus the condensed copy (4/M of dense) and flat columns.
-  assert prepared.nbytes == w.nbytes + prepared.layout.condensed.nbytes + w.columns.nbytes
+  # Resident: the condensed weight (4/M of dense) holds the values; meta and columns beside.
+  assert prepared.values is None
+  assert prepared.nbytes == (prepared.layout.condensed.nbytes + w.meta.nbytes
+                             + 2 * w.columns.nbytes)
   assert "resident" in repr(prepared)
+  for other in (prepared, prepare(w, implementation="pallas")):  # .weight reads back exactly
+    for a, b in zip(jax.tree.leaves(other.weight), jax.tree.leaves(w)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   pallas = prepare(w, implementation="pallas", dtype=jnp.float32)
   assert isinstance(pallas.layout, PallasLayouts) and pallas.dtype == jnp.float32
+  assert pallas.values is w.values and pallas.weight.values.dtype == jnp.bfloat16  # other dtype
   assert pallas.layout.prefill is not None
   two_four = prepare(compress(jnp.ones((64, 64)), "2:4"), implementation="pallas")
   assert two_four.layout.prefill is None  # 2:4 prefill would run dense FLOPs: decode only

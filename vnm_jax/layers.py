@@ -8,11 +8,13 @@
   differentiating the weight raises). With ``prepare=False`` the layer holds the stored
   weight only, its values are trainable parameters (a compressed model can be
   fine-tuned) and every call prepares the weight on the fly (slower).
-- Variables. nnx: ``values`` (``nnx.Param`` when ``prepare=False``, else
-  :class:`VNMPrepared`), ``meta``, ``columns``, ``output_index`` (:class:`VNMIndex`),
-  ``layout`` (:class:`VNMPrepared` leaves; None when not prepared), ``bias``. linen:
-  ``params`` {"bias", and "values" when not prepared}; the ``"vnm"`` collection {"meta",
-  "columns", "output_index" when permuted, and "values" and "layout" when prepared}.
+- Variables. nnx: ``meta``, ``columns``, ``output_index`` (:class:`VNMIndex`), ``bias``,
+  and ``values`` (``nnx.Param``) when ``prepare=False``; when prepared, ``layout``
+  (:class:`VNMPrepared` leaves), which holds the values exactly (``layer.weight`` reads
+  them back), and ``values`` (:class:`VNMPrepared`) only if the layout is in another
+  dtype than the stored values. linen: ``params`` {"bias", and "values" when not
+  prepared}; the ``"vnm"`` collection {"meta", "columns", "output_index" when permuted,
+  and "layout" (and "values" in the other-dtype case) when prepared}.
   ``prepare=False`` is exactly the variable structure of earlier versions, so their
   checkpoints restore into such a model.
 - :func:`convert_to_vnm` converts a whole trained model in one call: every dense kernel
@@ -94,7 +96,8 @@ class VNMLinear(nnx.Module):
     if prepare:
       prepared = _prepare_for_layer(weight, implementation, dtype)
       self.implementation = prepared.implementation
-      self.values = VNMPrepared(weight.values)
+      # The layout holds the values exactly (read back by .weight) unless in another dtype.
+      self.values = None if prepared.values is None else VNMPrepared(prepared.values)
       self.layout = nnx.data(jax.tree.map(VNMPrepared, prepared.layout))
     else:
       self.implementation = implementation
@@ -120,6 +123,8 @@ class VNMLinear(nnx.Module):
   @property
   def weight(self) -> VNMWeight:
     """The layer's kernel as the stored :class:`~vnm_jax.format.VNMWeight` (exact)."""
+    if self.layout is not None:
+      return self.prepared.weight
     output_index = None if self.output_index is None else self.output_index[...]
     return VNMWeight(self.values[...], self.meta[...], self.columns[...], output_index,
                      self.shape, self.config)
@@ -130,7 +135,10 @@ class VNMLinear(nnx.Module):
     if self.layout is None:
       return None
     layout = jax.tree.map(lambda v: v[...], self.layout, is_leaf=_is_variable)
-    return PreparedVNMWeight(self.weight, layout, self.implementation)
+    output_index = None if self.output_index is None else self.output_index[...]
+    values = None if self.values is None else self.values[...]
+    return PreparedVNMWeight(layout, self.meta[...], self.columns[...], output_index, values,
+                             self.shape, self.config, self.implementation)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: (..., in_features) -> (..., out_features)."""
@@ -166,7 +174,8 @@ class VNMDense(nn.Module):
 
   Variables (module docstring): ``params`` {"bias", "values" unless prepared} and the
   ``"vnm"`` collection {"meta", "columns", "output_index" when ``permuted_outputs``,
-  "values" and "layout" when prepared}. ``init`` creates zero values on a valid
+  "layout" when prepared, and "values" when prepared with ``dtype`` other than
+  ``param_dtype``}. ``init`` creates zero values on a valid
   placeholder layout; the real ones come from :func:`convert_to_vnm` (or
   :meth:`variables_from_dense`), built for the same ``implementation`` and ``prepare``.
 
@@ -201,12 +210,16 @@ class VNMDense(nn.Module):
     k, n = check_kernel_shape((self.in_features, self.features), "(in_features, features)")
     groups, row_blocks = -(-k // config.m), -(-n // config.v)
     values_shape = (row_blocks, 2, groups, config.v)
-    if self.prepare:
-      values = self.variable(VNM_COLLECTION, "values", jnp.zeros, values_shape,
-                             self.param_dtype).value
-    else:
+    compute_dtype = jnp.dtype(self.param_dtype if self.dtype is None else self.dtype)
+    # A prepared layer's layout holds the values, unless it is in another dtype than they.
+    keep_values = not self.prepare or compute_dtype != jnp.dtype(self.param_dtype)
+    values = jnp.zeros(values_shape, self.param_dtype)
+    if not self.prepare:
       values = self.param("values", nn.initializers.zeros_init(), values_shape,
                           self.param_dtype)
+    elif keep_values:
+      values = self.variable(VNM_COLLECTION, "values", jnp.zeros, values_shape,
+                             self.param_dtype).value
     placeholder = _default_layout(k, n, config)
     meta = self.variable(VNM_COLLECTION, "meta", lambda: jnp.asarray(placeholder["meta"]))
     columns = self.variable(VNM_COLLECTION, "columns",
@@ -219,12 +232,13 @@ class VNMDense(nn.Module):
     if self.dtype is not None:
       x = x.astype(self.dtype)
     if self.prepare:
-      implementation = resolve_implementation(self.implementation, config,
-                                              self.dtype or self.param_dtype)
+      implementation = resolve_implementation(self.implementation, config, compute_dtype)
       layout = self.variable(VNM_COLLECTION, "layout", lambda: build_layout(
           weight.values, weight.meta, weight.columns, m=config.m,
-          implementation=implementation, dtype=self.dtype or self.param_dtype)).value
-      y = vnm_matmul(x, PreparedVNMWeight(weight, layout, implementation))
+          implementation=implementation, dtype=compute_dtype)).value
+      y = vnm_matmul(x, PreparedVNMWeight(layout, weight.meta, weight.columns, output_index,
+                                          values if keep_values else None, (k, n), config,
+                                          implementation))
     else:
       y = vnm_matmul(x, weight, implementation=self.implementation)
     if self.use_bias:
@@ -249,7 +263,9 @@ class VNMDense(nn.Module):
       index["output_index"] = weight.output_index
     if prepare:
       prepared = _prepare_for_layer(weight, implementation, dtype)
-      index.update(values=weight.values, layout=prepared.layout)
+      index["layout"] = prepared.layout
+      if prepared.values is not None:
+        index["values"] = prepared.values
     else:
       params["values"] = weight.values
     return {_LINEN_PARAMS: params, VNM_COLLECTION: index}

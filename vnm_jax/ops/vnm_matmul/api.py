@@ -109,25 +109,32 @@ _matmul_stored.defvjp(_matmul_stored_fwd, _matmul_stored_bwd)
 
 # The prepared path: the forward reads only the layout; x is the one differentiable input.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _matmul_prepared(plan: _Plan, x, weight_arrays, layout):
-  return _run(plan, x, layout)
+def _matmul_prepared(plan: _Plan, x, prepared: PreparedVNMWeight):
+  return _run(plan, x, prepared.layout)
 
 
-def _matmul_prepared_fwd(plan, x, weight_arrays, layout):
+def _unwrap(tree):
+  return jax.tree.map(lambda a: a.value, tree, is_leaf=lambda a: hasattr(a, "perturbed"))
+
+
+def _matmul_prepared_fwd(plan, x, prepared):
   if any(getattr(leaf, "perturbed", False) for leaf in jax.tree.leaves(
-      (weight_arrays, layout), is_leaf=lambda a: hasattr(a, "perturbed"))):
+      prepared, is_leaf=lambda a: hasattr(a, "perturbed"))):
     raise ValueError(PERTURBED_PREPARED_MSG)
-  x, weight_arrays, layout = jax.tree.map(
-      lambda a: a.value, (x, weight_arrays, layout), is_leaf=lambda a: hasattr(a, "perturbed"))
-  return _run(plan, x, layout), (x, weight_arrays)
+  x, prepared = _unwrap(x), _unwrap(prepared)
+  # The stored weight is read back from the layout in the backward pass only.
+  return _run(plan, x, prepared.layout), (x, prepared)
 
 
 def _matmul_prepared_bwd(plan, residuals, dy):
-  x, weight_arrays = residuals
+  x, prepared = residuals
+  zero_weight = jax.tree.map(lambda _: None, prepared)
   if isinstance(dy, SymbolicZero):
-    return jnp.zeros(x.shape, x.dtype), None, None
-  dx, _ = _backward(plan, x, weight_arrays, dy, with_values=False)
-  return dx, None, None
+    return jnp.zeros(x.shape, x.dtype), zero_weight
+  w = prepared.weight
+  dx, _ = _backward(plan, x, (w.values.astype(x.dtype), w.meta, w.columns), dy,
+                    with_values=False)
+  return dx, zero_weight
 
 
 _matmul_prepared.defvjp(_matmul_prepared_fwd, _matmul_prepared_bwd, symbolic_zeros=True)
@@ -148,15 +155,12 @@ def _vnm_matmul(x: jax.Array, w, implementation: str) -> jax.Array:
     return jnp.zeros((*leading, n), x.dtype)
   plan = _plan(implementation, tokens, w.config)
   if isinstance(w, PreparedVNMWeight):
-    layout = w.layout
-    if jax.tree.leaves(layout)[0].dtype != x.dtype:
-      layout = _cast_layout(layout, x.dtype)  # A pass over the layout: prepare in x's dtype.
-    stored = w.weight
-    y = _matmul_prepared(plan, x2, (stored.values, stored.meta, stored.columns), layout)
+    if w.dtype != x.dtype:  # A pass over the layout every call: prepare in x's dtype.
+      w = dataclasses.replace(w, layout=_cast_layout(w.layout, x.dtype))
+    y = _matmul_prepared(plan, x2, w)
   else:
-    stored = w
     y = _matmul_stored(plan, x2, w.values, w.meta, w.columns)
-  y = y[:, stored.output_index] if stored.output_index is not None else y[:, :n]
+  y = y[:, w.output_index] if w.output_index is not None else y[:, :n]
   return y.reshape(*leading, n)
 
 

@@ -11,10 +11,10 @@ the compute dtype, so that ``vnm_matmul`` on the result runs no XLA op on the we
   the decode kernel's pre-tiled packed layout (~the stored bytes) and, for M > 4, the
   prefill kernel's pre-tiled condensed weight (4/M of dense).
 
-A prepared weight keeps the stored :class:`~vnm_jax.format.VNMWeight` too (``.weight``,
-exact): the backward pass reads it, and it is what a checkpoint should hold. So the
-device holds ``nbytes`` (resident: stored + layout) while a checkpoint of ``.weight``
-holds ``stored_nbytes``.
+A prepared weight holds the layout and the small stored arrays (meta, columns,
+output_index); the stored values are read back from the layout (``.weight``, exact),
+so they are not resident twice. The device holds ``nbytes`` (resident) while a
+checkpoint of ``.weight`` holds ``stored_nbytes``.
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vnm_jax.format import VNMWeight, check_kernel_shape
 from vnm_jax.ops.vnm_matmul import dispatch, pallas_decode, pallas_prefill, xla
-from vnm_jax.ops.vnm_matmul.layout import KEPT_COLUMNS
+from vnm_jax.ops.vnm_matmul.layout import KEPT_COLUMNS, positions
 
 logger = logging.getLogger(__name__)
 
@@ -69,27 +70,29 @@ def _nbytes(tree) -> int:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PreparedVNMWeight:
-  """A :class:`~vnm_jax.format.VNMWeight` with the arrays its implementation reads.
+  """A stored V:N:M weight prepared for its implementation: what a call reads, once.
 
-  A pytree (pass it through jit as an argument); ``implementation`` is static.
+  A pytree (pass it through jit as an argument); ``shape``, ``config`` and
+  ``implementation`` are static. The stored values are not kept twice: the layout
+  holds them exactly (``weight`` reads them back) unless it was prepared in another
+  dtype, in which case ``values`` keeps them.
 
   Attributes:
-    weight: the stored weight, exact (``decompress(prepared.weight)`` is the kernel).
     layout: :class:`XLALayout` or :class:`PallasLayouts`, in the compute dtype.
-    implementation: "xla" or "pallas".
+    meta, columns, output_index: the stored layout arrays (see ``vnm_jax.format``).
+    values: the stored values (R, 2, G, V) when the layout's dtype differs from theirs,
+      else None.
+    shape: (K, N); config: the VNMConfig; implementation: "xla" or "pallas".
   """
 
-  weight: VNMWeight
   layout: XLALayout | PallasLayouts
+  meta: jax.Array
+  columns: jax.Array
+  output_index: jax.Array | None
+  values: jax.Array | None
+  shape: tuple[int, int] = dataclasses.field(metadata=dict(static=True))
+  config: Any = dataclasses.field(metadata=dict(static=True))
   implementation: str = dataclasses.field(metadata=dict(static=True))
-
-  @property
-  def shape(self) -> tuple[int, int]:
-    return self.weight.shape
-
-  @property
-  def config(self):
-    return self.weight.config
 
   @property
   def dtype(self):
@@ -97,14 +100,25 @@ class PreparedVNMWeight:
     return jax.tree.leaves(self.layout)[0].dtype
 
   @property
+  def weight(self) -> VNMWeight:
+    """The stored :class:`~vnm_jax.format.VNMWeight`, exact (read back from the layout)."""
+    values = self.values if self.values is not None else layout_values(
+        self.layout, self.meta, self.config.v)
+    return VNMWeight(values, self.meta, self.columns, self.output_index, self.shape,
+                     self.config)
+
+  @property
   def stored_nbytes(self) -> int:
     """Bytes of the stored weight (what a checkpoint of ``.weight`` holds)."""
-    return self.weight.nbytes
+    values_dtype = self.dtype if self.values is None else self.values.dtype
+    values_shape = (self.meta.shape[0], 2, self.meta.shape[1], self.config.v)
+    return (int(np.prod(values_shape)) * jnp.dtype(values_dtype).itemsize
+            + _nbytes((self.meta, self.columns, self.output_index)))
 
   @property
   def nbytes(self) -> int:
-    """Bytes resident on the device: the stored weight plus the prepared layout."""
-    return self.weight.nbytes + _nbytes(self.layout)
+    """Bytes resident on the device: the layout and the stored arrays it does not hold."""
+    return _nbytes((self.layout, self.meta, self.columns, self.output_index, self.values))
 
   @property
   def dense_nbytes(self) -> int:
@@ -117,6 +131,16 @@ class PreparedVNMWeight:
             f"implementation={self.implementation!r}, dtype={self.dtype}, stored "
             f"{self.stored_nbytes} B ({self.stored_nbytes / dense:.3f} of dense), resident "
             f"{self.nbytes} B ({self.nbytes / dense:.3f} of dense))")
+
+
+def layout_values(layout: XLALayout | PallasLayouts, meta: jax.Array, v: int) -> jax.Array:
+  """The stored values (R, 2, G, V) a layout holds, read back exactly (pure jnp)."""
+  if isinstance(layout, XLALayout):
+    row_blocks, _, _ = layout.condensed.shape
+    condensed = layout.condensed.reshape(row_blocks, KEPT_COLUMNS, -1, v)
+    return jnp.take_along_axis(condensed, positions(meta, v), axis=1)
+  values = pallas_decode.stored_arrays(layout.decode)[0]
+  return values[:, :, :meta.shape[1], :v]
 
 
 def pallas_unsupported_reason(config, dtype) -> str | None:
@@ -204,15 +228,24 @@ def prepare(w: VNMWeight, *, implementation: str | None = None, dtype=None,
   check_implementation(implementation)
   check_kernel_shape(w.shape, "w.shape")
   dtype = _check_dtype(w.values.dtype if dtype is None else dtype)
-  if validate and not isinstance(w.values, jax.core.Tracer):
-    w.validate()
   if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
                                  or max_tokens < 1):
     raise ValueError(f"max_tokens must be a positive int or None, got {max_tokens!r}.")
+  if validate and not isinstance(w.values, jax.core.Tracer):
+    w.validate()
   used = resolve_implementation(implementation, w.config, dtype)
   kernels = ("decode", "prefill")
   if max_tokens is not None and dispatch.choose_pallas(max_tokens, w.config) == "decode":
     kernels = ("decode",)
   layout = build_layout(w.values, w.meta, w.columns, m=w.config.m, implementation=used,
                         dtype=dtype, kernels=kernels)
-  return PreparedVNMWeight(w, layout, used)
+  return from_layout(w, layout, used)
+
+
+def from_layout(w: VNMWeight, layout: XLALayout | PallasLayouts,
+                implementation: str) -> PreparedVNMWeight:
+  """The prepared weight of ``w`` with a layout built from it (keeps values only if needed)."""
+  layout_dtype = jax.tree.leaves(layout)[0].dtype
+  values = None if layout_dtype == w.values.dtype else w.values
+  return PreparedVNMWeight(layout, w.meta, w.columns, w.output_index, values, w.shape,
+                           w.config, implementation)
