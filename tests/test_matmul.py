@@ -64,11 +64,15 @@ def test_every_implementation_matches_dense_math(implementation, x_shape, kernel
 
 @pytest.mark.parametrize("implementation", ["xla", "pallas"])
 def test_token_counts_across_the_dispatch_tables(implementation):
-  # 1 and 8 tokens: XLA "batched", Pallas decode; 9 and 70: XLA "blocks", Pallas prefill.
+  # Every formulation: XLA "batched", "chunks" and "blocks"; Pallas decode and prefill.
   w = random_weight(75, 96, "32:2:6", permuted=True, seed=3)
   prepared = prepare(w, implementation=implementation)
   jitted = jax.jit(vnm_matmul)
-  for tokens in (1, 8, 9, 70):
+  kernels = {1: ("batched", "decode"), 9: ("chunks", "decode"), 70: ("blocks", "prefill")}
+  for tokens, (xla_kernel, pallas_kernel) in kernels.items():
+    assert dispatch.choose_xla(tokens).formulation == xla_kernel
+    assert dispatch.choose_pallas(tokens, w.config) == pallas_kernel
+  for tokens in kernels:
     x = jax.random.normal(jax.random.key(tokens), (tokens, 75))
     check_against_references(jitted(x, prepared), x, w, jnp.float32)
 
@@ -98,8 +102,9 @@ def test_xla_formulations_match_the_reference_on_raw_arrays():
   assert_close(expected, numpy_matmul(x, raw), magnitude, jnp.float32)
   assert_close(xla.matmul_batched(x_pad, condensed, columns), expected, magnitude, jnp.float32)
   for blocks_per_step in (1, 2):  # 3 row blocks: a ragged last chunk for 2.
-    assert_close(xla.matmul_blocks(x_pad, condensed, columns, blocks_per_step=blocks_per_step),
-                 expected, magnitude, jnp.float32)
+    for formulation in (xla.matmul_blocks, xla.matmul_chunks):
+      assert_close(formulation(x_pad, condensed, columns, blocks_per_step=blocks_per_step),
+                   expected, magnitude, jnp.float32)
 
 
 def loss_through(matmul, x, values, w):
@@ -155,7 +160,7 @@ def temp_bytes(fn, *args) -> int:
   return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
 
 
-@pytest.mark.parametrize("tokens", [1, 64])
+@pytest.mark.parametrize("tokens", [1, 16, 128])
 def test_prepared_weight_runs_no_op_on_the_weight(tokens):
   # A weight-sized temporary (a condensed copy, a cast, a transposed or padded weight)
   # would show in the compiled call's scratch memory; the on-the-fly path has one.
@@ -210,6 +215,8 @@ def test_prepared_weight_in_other_dtype_or_implementation():
 def test_dispatch_tables():
   assert dispatch.choose_xla(1).formulation == "batched"
   assert dispatch.choose_xla(10**6).formulation == "blocks"
+  limits = [max_tokens for max_tokens, _ in dispatch.XLA_CPU_TABLE]
+  assert limits[-1] is None and limits[:-1] == sorted(limits[:-1])
   config = w_config = random_weight(8, 8, "8:2:8").config
   assert dispatch.choose_pallas(1, config) == "decode"
   assert dispatch.choose_pallas(10**4, config) == "prefill"

@@ -19,9 +19,10 @@ class XLAChoice:
   """One XLA formulation (:mod:`vnm_jax.ops.vnm_matmul.xla`).
 
   Attributes:
-    formulation: "batched" (one gather, one batched dot) or "blocks" (``lax.map`` over
-      row blocks).
-    blocks_per_step: row blocks per ``lax.map`` step ("blocks" only).
+    formulation: "batched" (one gather, one batched dot), "chunks" (``lax.map`` over
+      chunks of row blocks, x gathered along its features) or "blocks" (``lax.map`` over
+      row blocks, x transposed and gathered by rows).
+    blocks_per_step: row blocks per ``lax.map`` step ("chunks" and "blocks").
   """
 
   formulation: str
@@ -32,8 +33,9 @@ class XLAChoice:
 # rest. Measured on 2 AMD EPYC cores, float32, 4096x4096 at 64:2:8 and 64:2:5 (see
 # bench/RESULTS.md, "Kernel (issue 9)", for the exploration and the numbers).
 XLA_CPU_TABLE: tuple[tuple[int | None, XLAChoice], ...] = (
-    (8, XLAChoice("batched")),
-    (None, XLAChoice("blocks", blocks_per_step=4)),
+    (2, XLAChoice("batched")),
+    (64, XLAChoice("chunks", blocks_per_step=8)),
+    (None, XLAChoice("blocks", blocks_per_step=2)),
 )
 
 # Largest token count that runs the Pallas decode kernel (more run the prefill kernel),

@@ -5,14 +5,16 @@ zero-padded to G*M features and returns ``y_blocks`` (T, R*V), the outputs in ro
 order. Executed multiply-adds are 4/M of dense: each row block gathers its 4*G kept
 input features of x and runs one dense dot against its condensed weight.
 
-Two formulations of the forward on the *prepared* condensed weight (R, 4G, V), chosen
-by token count from measurements (:mod:`vnm_jax.ops.vnm_matmul.dispatch`):
+Three formulations of the forward on the *prepared* condensed weight (R, 4G, V),
+chosen by token count from measurements (:mod:`vnm_jax.ops.vnm_matmul.dispatch`):
 
-- :func:`matmul_batched`: one gather of x (R, 4G, T) and one batched dot. At decode
-  sizes this reads the condensed weight once and nothing else of size.
-- :func:`matmul_blocks`: a ``lax.map`` over chunks of row blocks, one gather and one
-  dot per block: the gathered x of a chunk stays in cache, where the batched form's
-  (R, 4G, T) intermediate does not at prefill sizes.
+- :func:`matmul_batched`: one gather of x (R, 4G, T) and one batched dot. At one or
+  two tokens this reads the condensed weight once and nothing else of size.
+- :func:`matmul_chunks`: a ``lax.map`` over chunks of row blocks, x gathered along
+  its feature axis (no transpose): a few to tens of tokens.
+- :func:`matmul_blocks`: a ``lax.map`` over row blocks, x transposed once and gathered
+  by rows (a gathered feature is a contiguous row of tokens): prefill sizes, where the
+  batched form's (R, 4G, T) intermediate would not stay in cache.
 
 What the CPU measurements (bench/RESULTS.md, "Kernel (issue 9)") ruled out: reading
 only the stored values by selecting x per value from its 2-bit position, or gathering
@@ -89,6 +91,26 @@ def matmul_blocks(x_pad: jax.Array, condensed: jax.Array, columns: jax.Array, *,
 
   y = lax.map(one_block, (condensed, columns), batch_size=min(blocks_per_step, row_blocks))
   return y.reshape(row_blocks * v, -1).T
+
+
+def matmul_chunks(x_pad: jax.Array, condensed: jax.Array, columns: jax.Array, *,
+                  blocks_per_step: int) -> jax.Array:
+  """``y_blocks = x_pad @ W``: a ``lax.map`` over chunks of row blocks, x gathered untransposed.
+
+  Per step, ``blocks_per_step`` row blocks gather their kept features of x along its
+  feature axis ((T, B, 4G), no transpose of x) and run one batched dot. Args and result
+  as for :func:`matmul_batched`.
+  """
+  row_blocks, _, v = condensed.shape
+
+  def one_block(block):
+    block_weight, block_columns = block
+    gathered = x_pad.at[:, block_columns].get(mode="promise_in_bounds")  # (T, 4G)
+    return lax.dot_general(gathered, block_weight, (((1,), (0,)), ((), ())),
+                           preferred_element_type=jnp.float32).astype(x_pad.dtype)  # (T, V)
+
+  y = lax.map(one_block, (condensed, columns), batch_size=min(blocks_per_step, row_blocks))
+  return jnp.swapaxes(y, 0, 1).reshape(x_pad.shape[0], row_blocks * v)
 
 
 def _chunks(tree, size: int):
