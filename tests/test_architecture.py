@@ -163,5 +163,5 @@ def test_installed_packages_are_namespaced():
   tomllib = pytest.importorskip("tomllib")
   config = tomllib.loads((ROOT / "pyproject.toml").read_text())
   include = config["tool"]["setuptools"]["packages"]["find"]["include"]
-  assert set(include) <= {"vnm_jax*", "vnm_recipes*", "pallas_kernels*"}, include
+  assert set(include) <= {"vnm_jax*", "vnm_recipes*"}, include
   assert config["project"]["scripts"]["vnm-jax"] == "vnm_recipes.cli:main"

@@ -15,11 +15,11 @@ from vnm_jax.calibration import collect_input_norms
 from vnm_jax.checkpoint import CheckpointError, Checkpointer
 from vnm_jax.config import VNMConfig
 from vnm_jax.format import VNMWeight, compress, decompress
-from vnm_jax.layers import VNMDense, VNMIndex, VNMLinear, convert_to_vnm
+from vnm_jax.layers import VNMDense, VNMIndex, VNMLinear, VNMPrepared, convert_to_vnm
 from vnm_jax.lora import (LoRAAdapter, ThreeStageLoRAState, default_stage_steps, init_lora,
                           lora_masks, lora_params, merge_lora, three_stage_lora)
 from vnm_jax.masks import as_matrix, from_matrix, is_vnm, nm_mask, vnm_mask
-from vnm_jax.matmul import vnm_matmul
+from vnm_jax.matmul import PreparedVNMWeight, prepare, vnm_matmul
 from vnm_jax.permutation import FoldedPair, Permutation, fold_output_permutation
 from vnm_jax.permutation_search import find_permutation, kept_score, tree_permutations
 from vnm_jax.scores import Importance, importance_scores, magnitude_score, ria_score, wanda_score
@@ -89,9 +89,12 @@ __all__ = (
     "compress",
     "decompress",
     "vnm_matmul",
+    "prepare",
+    "PreparedVNMWeight",
     "VNMLinear",
     "VNMDense",
     "VNMIndex",
+    "VNMPrepared",
     "convert_to_vnm",
     "measure_matmul_speedup",
     "MatmulTiming",
