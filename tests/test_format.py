@@ -96,7 +96,7 @@ def test_compress_errors():
     compress(jnp.ones((16, 8)), "8:2:8", mask=np.ones((16, 8), bool))
   with pytest.raises(ValueError, match=r"mask must have the kernel's shape \(16, 8\)"):
     compress(jnp.ones((16, 8)), "8:2:8", mask=np.ones((8, 8), bool))
-  with pytest.raises(ValueError, match="2D kernel"):
+  with pytest.raises(ValueError, match="must be 2D"):
     compress(jnp.ones((4, 4, 4)), "8:2:8")
   with pytest.raises(ValueError, match="rule must be one of"):
     compress(jnp.ones((16, 8)), "8:2:8", rule="best")

@@ -91,20 +91,22 @@ def test_implementations_agree_on_a_compressed_kernel():
                                                             np.float64), magnitude, jnp.float32)
 
 
-def test_xla_formulations_match_the_reference_on_raw_arrays():
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_xla_formulations_match_the_reference_on_raw_arrays(dtype):
   w = random_weight(45, 96, "32:2:9", permuted=True)
-  x = jax.random.normal(jax.random.key(0), (5, 45))
+  x = jax.random.normal(jax.random.key(0), (5, 45)).astype(dtype)
   x_pad = jnp.pad(x, ((0, 0), (0, w.values.shape[2] * 9 - 45)))
-  condensed, columns = xla.condensed_weight(w.values, w.meta), xla.flat_columns(w.columns)
+  condensed = xla.condensed_weight(w.values, w.meta, dtype)
+  columns = xla.flat_columns(w.columns)
   expected = xla.reference(x_pad, w.values, w.meta, w.columns, m=9)
   raw = VNMWeight(w.values, w.meta, w.columns, None, w.shape, w.config)  # Row-block order.
-  magnitude = numpy_matmul(x, raw, absolute=True)
-  assert_close(expected, numpy_matmul(x, raw), magnitude, jnp.float32)
-  assert_close(xla.matmul_batched(x_pad, condensed, columns), expected, magnitude, jnp.float32)
+  magnitude = numpy_matmul(x.astype(jnp.float32), raw, absolute=True)
+  assert_close(expected, numpy_matmul(x.astype(jnp.float32), raw), magnitude, dtype)
+  assert_close(xla.matmul_batched(x_pad, condensed, columns), expected, magnitude, dtype)
   for blocks_per_step in (1, 2):  # 3 row blocks: a ragged last chunk for 2.
     for formulation in (xla.matmul_blocks, xla.matmul_chunks):
       assert_close(formulation(x_pad, condensed, columns, blocks_per_step=blocks_per_step),
-                   expected, magnitude, jnp.float32)
+                   expected, magnitude, dtype)
 
 
 def loss_through(matmul, x, values, w):

@@ -27,6 +27,7 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name):
   if name in _EXPORTS:
-    import importlib
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    # Deferred: vnm_jax.format imports ``layout`` from this package, and ``api`` imports format.
+    from vnm_jax.ops.vnm_matmul import api, prepared
+    return getattr({"api": api, "prepared": prepared}[_EXPORTS[name]], name)
   raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

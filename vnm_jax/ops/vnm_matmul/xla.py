@@ -102,12 +102,16 @@ def matmul_chunks(x_pad: jax.Array, condensed: jax.Array, columns: jax.Array, *,
   as for :func:`matmul_batched`.
   """
   row_blocks, _, v = condensed.shape
+  # XLA:CPU has no batched bf16 x bf16 -> f32 dot (DotThunk); the step's operands are
+  # upcast in cache instead (same float32 accumulation).
+  compute_dtype = jnp.promote_types(x_pad.dtype, jnp.float32)
 
   def one_block(block):
     block_weight, block_columns = block
     gathered = x_pad.at[:, block_columns].get(mode="promise_in_bounds")  # (T, 4G)
-    return lax.dot_general(gathered, block_weight, (((1,), (0,)), ((), ())),
-                           preferred_element_type=jnp.float32).astype(x_pad.dtype)  # (T, V)
+    y = lax.dot_general(gathered.astype(compute_dtype), block_weight.astype(compute_dtype),
+                        (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return y.astype(x_pad.dtype)  # (T, V)
 
   y = lax.map(one_block, (condensed, columns), batch_size=min(blocks_per_step, row_blocks))
   return jnp.swapaxes(y, 0, 1).reshape(x_pad.shape[0], row_blocks * v)
