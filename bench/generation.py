@@ -360,78 +360,116 @@ def summarize(name, times, work, args):
   return out
 
 
+def results(names, entries, times, first_call, work, args, c) -> list[dict]:
+  """One summary per model (dense first): medians, ratios against dense, limits, bytes."""
+  found, dense = [], None
+  for name in names:
+    vnm = None if name == "dense" else VNMConfig.parse(name)
+    s = summarize(name, times[name], work, args)
+    s.update(entries[name])
+    s["first_call_seconds"] = first_call[name]
+    s["compile_seconds_estimate"] = {k: v - s["median_seconds"][k]
+                                     for k, v in first_call[name].items()
+                                     if k in s["median_seconds"]}
+    s["times"] = times[name]
+    s["prefill_flops"] = forward_flops(c, batch=1, tokens=args.prompt_tokens,
+                                       capacity=args.prompt_tokens + 1, vnm=vnm)
+    s["decode_step_flops_b1"] = forward_flops(
+        c, batch=1, tokens=1, capacity=args.decode_prompt_tokens + 1 + args.new_tokens, vnm=vnm)
+    if dense is None:
+      dense = s
+    else:
+      s["limits"] = dict(
+          decode_resident_bytes=dense["bytes"]["resident"] / s["bytes"]["resident"],
+          decode_streamed_bytes=dense["bytes"]["streamed"] / s["bytes"]["streamed"],
+          prefill_flops=dense["prefill_flops"] / s["prefill_flops"],
+          decode_flops=dense["decode_step_flops_b1"] / s["decode_step_flops_b1"])
+      ratios = {}
+      if s.get("prefill_seconds") and dense.get("prefill_seconds"):
+        ratios["prefill"] = dense["prefill_seconds"] / s["prefill_seconds"]
+      for b in args.batch_sizes:
+        key = f"decode_b{b}_tokens_per_second"
+        if s.get(key) and dense.get(key):
+          ratios[f"decode_b{b}"] = s[key] / dense[key]
+      s["speedup_vs_dense"] = ratios
+    found.append(s)
+  return found
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
   wall = time.perf_counter()
-  dtype = jnp.dtype(args.dtype)
   out_dir = args.out_dir
   out_dir.mkdir(parents=True, exist_ok=True)
   print(f"generation bench: device {args.device}, backend {jax.default_backend()}, "
         f"{jax.devices()[0].device_kind}, model {args.model}, {args.dtype}", flush=True)
+  load_at_start = load()
 
   dense, c, tokenizer, source = build_dense(args)
   work = workloads(args)
   prompts_by_work = {w.name: jnp.asarray(prompts(w.batch, w.prompt_tokens, tokenizer=tokenizer,
                                                  vocab_size=c.vocab_size, seed=args.seed))
                      for w in work}
-  budget = args.budget_seconds
 
   def over_budget(fraction=1.0):
-    return budget is not None and time.perf_counter() - wall > fraction * budget
+    return (args.budget_seconds is not None
+            and time.perf_counter() - wall > fraction * args.budget_seconds)
 
+  argv_used = argv if argv is not None else sys.argv[1:]
   record = dict(
-      command="python bench/generation.py " + " ".join(shlex.quote(a) for a in
-                                                      (argv if argv is not None else sys.argv[1:])),
+      command="python bench/generation.py " + " ".join(shlex.quote(a) for a in argv_used),
       device=args.device, backend=jax.default_backend(), device_kind=jax.devices()[0].device_kind,
       jax=jax.__version__, python=platform.python_version(), machine=platform.machine(),
       cpu_count=os.cpu_count(), model=args.model, source=source, dtype=args.dtype,
-      llama_config=dataclasses.asdict(c), small=args.small,
+      llama_config=dataclasses.asdict(c), small=args.small, configs=args.configs,
       batch_sizes=args.batch_sizes, prompt_tokens=args.prompt_tokens,
       decode_prompt_tokens=args.decode_prompt_tokens, new_tokens=args.new_tokens,
-      repeats=args.repeats, masks="magnitude, column_l1 rule (speed does not depend on the scores)",
-      workloads=[dataclasses.asdict(w) for w in work], load_at_start=load(), models=[],
-      complete=False)
+      repeats=args.repeats, budget_seconds=args.budget_seconds,
+      masks="magnitude, column_l1 rule (speed does not depend on the scores)",
+      workloads=[dataclasses.asdict(w) for w in work], load_at_start=load_at_start,
+      load_at_timing_start=None, load_at_end=None, rounds=0, models=[], complete=False)
+  models = {"dense": dense}
+  entries = {"dense": dict(name="dense", config=None, bytes=model_bytes(dense, c))}
+  first_call = {}
+  times = {}
 
   def save():
+    names = [n for n in models if n in times]
+    record["models"] = results(names, entries, times, first_call, work, args, c)
+    record["tokens_equal"] = all(s.get("tokens_equal", True) for s in record["models"])
+    record["wall_seconds"] = time.perf_counter() - wall
     (out_dir / "generation.json").write_text(json.dumps(record, indent=1))
     (out_dir / "generation.md").write_text(markdown(record))
 
-  # Every model: its programs compiled (first call timed), the masked dense tokens checked.
-  models = {"dense": dense}
-  entries = {"dense": dict(name="dense", config=None, bytes=model_bytes(dense, c))}
-  first_call, tokens = {}, {}
-  for name, model in [("dense", dense)]:
-    first_call[name] = {}
-    for w in work:
-      seconds, out = run_once(model, prompts_by_work[w.name], w.new_tokens)
-      first_call[name][w.name] = seconds
-      tokens[(name, w.name)] = out
-    print(f"dense: first calls {first_call['dense']}", flush=True)
+  # Every program of every model called once (compile + first run), sparse tokens checked
+  # against the masked dense model's.
+  first_call["dense"] = {w.name: run_once(dense, prompts_by_work[w.name], w.new_tokens)[0]
+                         for w in work}
+  times["dense"] = {w.name: [] for w in work}
+  print(f"dense: first calls {first_call['dense']}", flush=True)
   for vnm in args.vnm_configs:
     if over_budget(0.5):
       print(f"budget: skipping {vnm} and later configs", flush=True)
       break
     name = str(vnm)
     masked, sparse, info = masked_and_sparse(dense, vnm)
-    check = {}
-    first_call[name] = {}
+    check, first_call[name] = {}, {}
     for w in work:
       prompt = prompts_by_work[w.name]
-      seconds, out = run_once(sparse, prompt, w.new_tokens)
-      first_call[name][w.name] = seconds
-      _, reference = run_once(masked, prompt, w.new_tokens)
-      equal = bool(np.array_equal(out, reference))
-      same = (out == reference)
-      prefix = int(np.argmin(np.concatenate([same.all(axis=0), [False]])))
-      check[w.name] = dict(equal=equal, common_prefix=prefix,
-                           token_agreement=float(same.mean()))
+      first_call[name][w.name], out = run_once(sparse, prompt, w.new_tokens)
+      reference = run_once(masked, prompt, w.new_tokens)[1]
+      same = out == reference
+      check[w.name] = dict(equal=bool(same.all()), token_agreement=float(same.mean()),
+                           common_prefix=int(np.argmin(np.append(same.all(axis=0), False))))
     del masked
     models[name] = sparse
+    times[name] = {w.name: [] for w in work}
     entries[name] = dict(name=name, config=name, bytes=model_bytes(sparse, c), tokens=check,
                          tokens_equal=all(v["equal"] for v in check.values()), **info)
     print(f"{name}: converted in {info['convert_seconds']:.1f} s, first calls "
           f"{first_call[name]}, tokens equal to masked dense: {entries[name]['tokens_equal']}",
           flush=True)
+    save()
 
   # One more warm call each, then the timed rounds, models interleaved (rotating order).
   names = list(models)
@@ -439,60 +477,20 @@ def main(argv=None) -> int:
     for w in work:
       run_once(models[name], prompts_by_work[w.name], w.new_tokens)
   record["load_at_timing_start"] = load()
-  times = {name: {w.name: [] for w in work} for name in names}
-  rounds = 0
   for r in range(args.repeats):
     if r >= 2 and over_budget():
       print(f"budget: stopping after {r} rounds", flush=True)
       break
     for w in work:
-      order = names[r % len(names):] + names[:r % len(names)]
-      for name in order:
-        seconds, _ = run_once(models[name], prompts_by_work[w.name], w.new_tokens)
-        times[name][w.name].append(seconds)
-    rounds += 1
+      for name in names[r % len(names):] + names[:r % len(names)]:
+        times[name][w.name].append(run_once(models[name], prompts_by_work[w.name],
+                                            w.new_tokens)[0])
+    record["rounds"] = r + 1
+    record["load_at_end"] = load()
+    save()
     print(f"round {r + 1}/{args.repeats} done ({time.perf_counter() - wall:.0f} s)", flush=True)
-  record["rounds"] = rounds
-  record["load_at_end"] = load()
-
-  dense_bytes = entries["dense"]["bytes"]
-  results = []
-  dense_summary = None
-  for name in names:
-    vnm = None if name == "dense" else VNMConfig.parse(name)
-    s = summarize(name, times[name], work, args)
-    s.update(entries[name])
-    s["first_call_seconds"] = first_call[name]
-    s["compile_seconds_estimate"] = {k: v - s["median_seconds"].get(k, 0.0)
-                                     for k, v in first_call[name].items()}
-    s["times"] = times[name]
-    prefill_capacity = args.prompt_tokens + 1
-    s["prefill_flops"] = forward_flops(c, batch=1, tokens=args.prompt_tokens,
-                                       capacity=prefill_capacity, vnm=vnm)
-    s["decode_step_flops_b1"] = forward_flops(
-        c, batch=1, tokens=1, capacity=args.decode_prompt_tokens + 1 + args.new_tokens, vnm=vnm)
-    if dense_summary is None:
-      dense_summary = s
-    else:
-      d = dense_summary
-      s["limits"] = dict(
-          decode_resident_bytes=dense_bytes["resident"] / s["bytes"]["resident"],
-          decode_streamed_bytes=dense_bytes["streamed"] / s["bytes"]["streamed"],
-          prefill_flops=d["prefill_flops"] / s["prefill_flops"],
-          decode_flops=d["decode_step_flops_b1"] / s["decode_step_flops_b1"])
-      ratios = {}
-      if "prefill_seconds" in s:
-        ratios["prefill"] = d["prefill_seconds"] / s["prefill_seconds"]
-      for b in args.batch_sizes:
-        key = f"decode_b{b}_tokens_per_second"
-        if s.get(key) and d.get(key):
-          ratios[f"decode_b{b}"] = s[key] / d[key]
-      s["speedup_vs_dense"] = ratios
-    results.append(s)
-  record["models"] = results
-  record["tokens_equal"] = all(s.get("tokens_equal", True) for s in results)
-  record["wall_seconds"] = time.perf_counter() - wall
-  record["complete"] = rounds == args.repeats and len(results) == 1 + len(args.vnm_configs)
+  record["complete"] = (record["rounds"] == args.repeats
+                        and len(names) == 1 + len(args.vnm_configs))
   save()
   print(markdown(record))
   print(f"wrote {out_dir / 'generation.json'} and generation.md", flush=True)

@@ -69,3 +69,21 @@ def test_gpu_defaults_refuse_a_cpu_without_small():
     pytest.skip("a GPU is present")
   with pytest.raises(SystemExit):
     bench.parse_args(["--device", "gpu"])
+
+
+def test_decode_last_only_is_the_last_row_of_the_full_logits():
+  # generate_greedy's prefill asks for the last token's logits only (the head on one token).
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+
+  from vnm_recipes.models.llama import Llama, LlamaConfig
+
+  model = Llama(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1,
+                            num_heads=2, num_kv_heads=1, head_dim=16), rngs=nnx.Rngs(0))
+  tokens = jnp.arange(10, dtype=jnp.int32).reshape(2, 5)
+  full, full_cache = model.decode(tokens, model.init_cache(2, 8))
+  last, last_cache = model.decode(tokens, model.init_cache(2, 8), last_only=True)
+  assert last.shape == (2, 1, 64)
+  np.testing.assert_allclose(last[:, 0], full[:, -1], rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(last_cache.layers[0].keys, full_cache.layers[0].keys)
