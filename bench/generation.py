@@ -232,6 +232,12 @@ def forward_flops(c: LlamaConfig, *, batch: int, tokens: int, capacity: int,
   return float(layers + head)
 
 
+def cache_bytes(c: LlamaConfig, batch: int, capacity: int, dtype) -> int:
+  """Bytes of the KV cache, which attention reads whole at every step (masked, not cut)."""
+  return (2 * c.num_layers * batch * capacity * c.num_kv_heads * c.head_dim
+          * jnp.dtype(dtype).itemsize)
+
+
 # --- timing ----------------------------------------------------------------------------------
 
 
@@ -384,6 +390,10 @@ def results(names, entries, times, first_call, work, args, c) -> list[dict]:
           decode_streamed_bytes=dense["bytes"]["streamed"] / s["bytes"]["streamed"],
           prefill_flops=dense["prefill_flops"] / s["prefill_flops"],
           decode_flops=dense["decode_step_flops_b1"] / s["decode_step_flops_b1"])
+      for b in args.batch_sizes:  # a step also reads the whole KV cache, alike for both
+        cache = cache_bytes(c, b, args.decode_prompt_tokens + 1 + args.new_tokens, args.dtype)
+        s["limits"][f"decode_b{b}_bytes"] = ((dense["bytes"]["streamed"] + cache)
+                                             / (s["bytes"]["streamed"] + cache))
       ratios = {}
       if s.get("prefill_seconds") and dense.get("prefill_seconds"):
         ratios["prefill"] = dense["prefill_seconds"] / s["prefill_seconds"]
@@ -545,19 +555,29 @@ def markdown(record: dict) -> str:
     for b in batches:
       row.append(_fmt(s.get(f"decode_b{b}_tokens_per_second"), ".1f"))
       row.append("-" if dense else (f"{_fmt(ratios.get(f'decode_b{b}'), '.2f', 'x')} "
-                                    f"({_fmt(limits.get('decode_streamed_bytes'), '.2f', 'x')})"))
+                                    f"({_fmt(limits.get(f'decode_b{b}_bytes'), '.2f', 'x')})"))
     row.append(_fmt(sum(s.get("first_call_seconds", {}).values()), ".1f"))
     row.append("-" if dense else ("yes" if s.get("tokens_equal") else "NO"))
     lines.append("| " + " | ".join(row) + " |")
   lines += ["",
             "Limits: decode, dense bytes read per step / the sparse model's (the arrays a "
-            "decode step reads, from its jaxpr; an untied embedding table counts one row); "
+            "decode step reads, from its jaxpr, an untied embedding table counting one row, "
+            "plus the KV cache, read whole by both); "
             "prefill, dense FLOPs / executed FLOPs (pruned matmuls at 4/M, the condensed "
             "layout on dense matrix units; attention and head unchanged). Resident limits "
             "(dense bytes held / sparse bytes held): " + ", ".join(
                 f"{s['name']} {s['limits']['decode_resident_bytes']:.2f}x"
                 for s in models if "limits" in s) + ".",
             "First calls: compile + first run of every timed program, summed."]
+  for s in models:
+    b = s["bytes"]
+    if b.get("vnm_layers"):
+      lines.append(f"{s['name']}: {b['vnm_layers']} pruned projections, dense "
+                   f"{b['vnm_layer_dense'] / 2**20:.1f} MB; stored "
+                   f"{b['vnm_layer_stored'] / 2**20:.1f} MB "
+                   f"({b['vnm_layer_stored'] / b['vnm_layer_dense']:.3f}x), resident "
+                   f"{b['vnm_layer_resident'] / 2**20:.1f} MB "
+                   f"({b['vnm_layer_resident'] / b['vnm_layer_dense']:.3f}x).")
   return "\n".join(lines) + "\n"
 
 
