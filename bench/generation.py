@@ -192,14 +192,16 @@ def model_bytes(model: nnx.Module, config: LlamaConfig) -> dict:
               vnm_layer_dense=layer_dense)
 
 
-def masked_and_sparse(dense: Llama, config: VNMConfig) -> tuple[Llama, Llama, dict]:
+def masked_and_sparse(dense: Llama, config: VNMConfig,
+                      implementation: str | None = None) -> tuple[Llama, Llama, dict]:
   """The masked dense model and the model `convert_to_vnm` makes of it (magnitude masks)."""
   params = nnx.state(dense, nnx.Param)
   masks = vnm_jax.tree_masks(params, config, filter=PRUNABLE_PATTERN)
   masked = nnx.clone(dense)
   nnx.update(masked, vnm_jax.tree_apply_masks(params, masks))
   start = time.perf_counter()
-  sparse = vnm_jax.convert_to_vnm(nnx.clone(masked), masks, config)
+  sparse = vnm_jax.convert_to_vnm(nnx.clone(masked), masks, config,
+                                  implementation=implementation)
   jax.block_until_ready(nnx.state(sparse))
   return masked, sparse, dict(convert_seconds=time.perf_counter() - start)
 
@@ -304,6 +306,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--layers", type=int, default=None, help="blocks of the 7B-shaped stack")
   parser.add_argument("--budget-seconds", type=float, default=None,
                       help="stop adding configs / rounds past this (results are kept)")
+  parser.add_argument("--implementation", choices=["pallas", "xla"], default=None,
+                      help="convert_to_vnm's implementation (default: the library's choice; "
+                           "pallas without a GPU runs the Pallas interpreter: slow, for tests)")
   parser.add_argument("--out-dir", type=Path, default=None)
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
@@ -435,6 +440,7 @@ def main(argv=None) -> int:
       batch_sizes=args.batch_sizes, prompt_tokens=args.prompt_tokens,
       decode_prompt_tokens=args.decode_prompt_tokens, new_tokens=args.new_tokens,
       repeats=args.repeats, budget_seconds=args.budget_seconds,
+      implementation=args.implementation or "library default",
       masks="magnitude, column_l1 rule (speed does not depend on the scores)",
       workloads=[dataclasses.asdict(w) for w in work], load_at_start=load_at_start,
       load_at_timing_start=None, load_at_end=None, rounds=0, models=[], complete=False)
@@ -462,7 +468,7 @@ def main(argv=None) -> int:
       print(f"budget: skipping {vnm} and later configs", flush=True)
       break
     name = str(vnm)
-    masked, sparse, info = masked_and_sparse(dense, vnm)
+    masked, sparse, info = masked_and_sparse(dense, vnm, args.implementation)
     check, first_call[name] = {}, {}
     for w in work:
       prompt = prompts_by_work[w.name]
