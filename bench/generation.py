@@ -371,6 +371,19 @@ def summarize(name, times, work, args):
   return out
 
 
+def _round_seconds(dense: dict, sparse: dict, args):
+  """(name, dense seconds per round, sparse seconds per round) of prefill and each decode."""
+  yield "prefill", dense["times"]["prefill"], sparse["times"]["prefill"]
+  for b in args.batch_sizes:
+    short = short_workload(b, args)
+
+    def per_round(s):
+      long_ = s["times"][f"long_b{b}"]
+      return long_ if short is None else [lg - sh for sh, lg in zip(s["times"][short], long_)]
+
+    yield f"decode_b{b}", per_round(dense), per_round(sparse)
+
+
 def results(names, entries, times, first_call, work, args, c) -> list[dict]:
   """One summary per model (dense first): medians, ratios against dense, limits, bytes."""
   found, dense = [], None
@@ -407,6 +420,11 @@ def results(names, entries, times, first_call, work, args, c) -> list[dict]:
         if s.get(key) and dense.get(key):
           ratios[f"decode_b{b}"] = s[key] / dense[key]
       s["speedup_vs_dense"] = ratios
+      # The same ratios round by round (each round runs every model back to back): their
+      # spread shows how much a drifting machine moved the medians.
+      s["speedup_by_round"] = {
+          key: [d / x for d, x in zip(dense_rounds, rounds)]
+          for key, dense_rounds, rounds in _round_seconds(dense, s, args)}
     found.append(s)
   return found
 
@@ -575,6 +593,11 @@ def markdown(record: dict) -> str:
                 f"{s['name']} {s['limits']['decode_resident_bytes']:.2f}x"
                 for s in models if "limits" in s) + ".",
             "First calls: compile + first run of every timed program, summed."]
+  for s in models:
+    spread = [f"{key} {min(v):.2f}-{max(v):.2f}x"
+              for key, v in s.get("speedup_by_round", {}).items() if v]
+    if spread:
+      lines.append(f"{s['name']}: ratio range over the rounds: " + ", ".join(spread) + ".")
   for s in models:
     b = s["bytes"]
     if b.get("vnm_layers"):
