@@ -482,7 +482,7 @@ def main(argv=None) -> int:
   times["dense"] = {w.name: [] for w in work}
   print(f"dense: first calls {first_call['dense']}", flush=True)
   for vnm in args.vnm_configs:
-    if over_budget(0.5):
+    if over_budget(0.6):
       print(f"budget: skipping {vnm} and later configs", flush=True)
       break
     name = str(vnm)
