@@ -301,7 +301,8 @@ class Llama(nnx.Module):
     layer = LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
     return KVCache(tuple(layer for _ in range(c.num_layers)), jnp.zeros((), jnp.int32))
 
-  def decode(self, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+  def decode(self, tokens: jax.Array, cache: KVCache, *,
+             last_only: bool = False) -> tuple[jax.Array, KVCache]:
     """Logits of tokens that continue the cached sequences.
 
     Args:
@@ -309,9 +310,13 @@ class Llama(nnx.Module):
         (a whole prompt, or one new token per step). Positions past the cache capacity
         are silently dropped by the cache update, so size the cache for the whole run.
       cache: from `init_cache` or an earlier `decode`.
+      last_only: if True, only the last token's logits are computed (what generation
+        needs after a prompt: the head, a vocab_size-wide matmul, then runs on one
+        token instead of the whole prompt).
 
     Returns:
-      (batch, length, vocab_size) logits and the cache holding the new positions too.
+      (batch, length, vocab_size) logits ((batch, 1, vocab_size) if last_only) and the
+      cache holding the new positions too.
     """
     self._check_tokens(tokens)
     x = self.embed(tokens)
@@ -320,6 +325,8 @@ class Llama(nnx.Module):
     for layer, layer_cache in zip(self.layers, cache.layers):
       x, layer_cache = layer(x, positions, layer_cache)
       new_layers.append(layer_cache)
+    if last_only:
+      x = x[:, -1:]
     return self._logits(x), KVCache(tuple(new_layers), cache.length + tokens.shape[1])
 
 
@@ -359,7 +366,7 @@ def llama_gemm_shapes(config: LlamaConfig) -> dict[tuple[int, int], int]:
 def _generate(graphdef, state, prompt, max_new_tokens, eos_id):
   model = nnx.merge(graphdef, state)
   cache = model.init_cache(prompt.shape[0], prompt.shape[1] + max_new_tokens)
-  logits, cache = model.decode(prompt, cache)
+  logits, cache = model.decode(prompt, cache, last_only=True)
   first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
 
   def step(carry, _):
