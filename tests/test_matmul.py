@@ -64,11 +64,11 @@ def test_every_implementation_matches_dense_math(implementation, x_shape, kernel
 
 @pytest.mark.parametrize("implementation", ["xla", "pallas"])
 def test_token_counts_across_the_dispatch_tables(implementation):
-  # Every formulation: XLA "batched", "chunks" and "blocks"; Pallas decode and prefill.
+  # Every formulation: XLA "batched" and "blocks" (8 and 2 a step); Pallas decode, prefill.
   w = random_weight(75, 96, "32:2:6", permuted=True, seed=3)
   prepared = prepare(w, implementation=implementation)
   jitted = jax.jit(vnm_matmul)
-  kernels = {1: ("batched", "decode"), 9: ("chunks", "decode"), 70: ("blocks", "prefill")}
+  kernels = {1: ("batched", "decode"), 9: ("blocks", "decode"), 70: ("blocks", "prefill")}
   for tokens, (xla_kernel, pallas_kernel) in kernels.items():
     assert dispatch.choose_xla(tokens).formulation == xla_kernel
     assert dispatch.choose_pallas(tokens, w.config) == pallas_kernel
@@ -104,9 +104,8 @@ def test_xla_formulations_match_the_reference_on_raw_arrays(dtype):
   assert_close(expected, numpy_matmul(x.astype(jnp.float32), raw), magnitude, dtype)
   assert_close(xla.matmul_batched(x_pad, condensed, columns), expected, magnitude, dtype)
   for blocks_per_step in (1, 2):  # 3 row blocks: a ragged last chunk for 2.
-    for formulation in (xla.matmul_blocks, xla.matmul_chunks):
-      assert_close(formulation(x_pad, condensed, columns, blocks_per_step=blocks_per_step),
-                   expected, magnitude, dtype)
+    assert_close(xla.matmul_blocks(x_pad, condensed, columns, blocks_per_step=blocks_per_step),
+                 expected, magnitude, dtype)
 
 
 def loss_through(matmul, x, values, w):
@@ -182,7 +181,7 @@ def test_prepare_layouts_and_bytes():
   w = compress(jax.random.normal(jax.random.key(3), (512, 256)).astype(jnp.bfloat16), "64:2:8")
   prepared = prepare(w, implementation="xla")
   assert isinstance(prepared.layout, XLALayout) and prepared.dtype == jnp.bfloat16
-  assert prepared.layout.condensed.shape == (4, 4 * 64, 64)
+  assert prepared.layout.condensed.shape == (4, 64, 4 * 64)  # (R, V, 4G)
   assert prepared.stored_nbytes == w.nbytes <= 0.3 * w.dense_nbytes
   # Resident: the condensed weight (4/M of dense) holds the values; meta and columns beside.
   assert prepared.values is None

@@ -48,7 +48,7 @@ class _Plan:
   """The static part of one call: what runs, for which layout."""
 
   implementation: str  # "xla" | "pallas"
-  kernel: str  # xla: "batched" | "chunks" | "blocks"; pallas: "decode" | "prefill"
+  kernel: str  # xla: "batched" | "blocks"; pallas: "decode" | "prefill"
   m: int
   blocks_per_step: int = 0
   interpret: bool = False
@@ -72,9 +72,8 @@ def _run(plan: _Plan, x: jax.Array, layout) -> jax.Array:
     x_pad = _pad_features(x, layout.columns.shape[1] // 4 * plan.m)
     if plan.kernel == "batched":
       return xla.matmul_batched(x_pad, layout.condensed, layout.columns)
-    formulation = xla.matmul_chunks if plan.kernel == "chunks" else xla.matmul_blocks
-    return formulation(x_pad, layout.condensed, layout.columns,
-                       blocks_per_step=plan.blocks_per_step)
+    return xla.matmul_blocks(x_pad, layout.condensed, layout.columns,
+                             blocks_per_step=plan.blocks_per_step)
   if plan.kernel == "prefill" and layout.prefill is not None:
     return pallas_prefill.matmul(x, layout.prefill, m=plan.m, interpret=plan.interpret)
   return pallas_decode.matmul(x, layout.decode, m=plan.m, interpret=plan.interpret)

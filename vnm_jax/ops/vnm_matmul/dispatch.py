@@ -19,10 +19,9 @@ class XLAChoice:
   """One XLA formulation (:mod:`vnm_jax.ops.vnm_matmul.xla`).
 
   Attributes:
-    formulation: "batched" (one gather, one batched dot), "chunks" (``lax.map`` over
-      chunks of row blocks, x gathered along its features) or "blocks" (``lax.map`` over
+    formulation: "batched" (one gather, one batched dot) or "blocks" (``lax.map`` over
       row blocks, x transposed and gathered by rows).
-    blocks_per_step: row blocks per ``lax.map`` step ("chunks" and "blocks").
+    blocks_per_step: row blocks per ``lax.map`` step ("blocks").
   """
 
   formulation: str
@@ -31,10 +30,10 @@ class XLAChoice:
 
 # (largest token count, choice), in increasing token counts; the last entry takes the
 # rest. Measured on 2 AMD EPYC cores, float32, 4096x4096 at 64:2:8 and 64:2:5 (see
-# bench/RESULTS.md, "Kernel (issue 9)", for the exploration and the numbers).
+# bench/RESULTS.md, "Kernel (issue 9)"): 8 blocks a step won at 4-16 tokens, 2 at 64-256.
 XLA_CPU_TABLE: tuple[tuple[int | None, XLAChoice], ...] = (
     (2, XLAChoice("batched")),
-    (64, XLAChoice("chunks", blocks_per_step=8)),
+    (32, XLAChoice("blocks", blocks_per_step=8)),
     (None, XLAChoice("blocks", blocks_per_step=2)),
 )
 

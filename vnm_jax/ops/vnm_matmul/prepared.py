@@ -30,7 +30,7 @@ import numpy as np
 from vnm_jax.format import VNMWeight
 from vnm_jax.masks import check_kernel_shape
 from vnm_jax.ops.vnm_matmul import dispatch, pallas_decode, pallas_prefill, xla
-from vnm_jax.ops.vnm_matmul.layout import KEPT_COLUMNS, positions
+from vnm_jax.ops.vnm_matmul.layout import KEPT_COLUMNS
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class XLALayout(NamedTuple):
   """What the XLA formulations read.
 
   Attributes:
-    condensed: (R, 4G, V) in the compute dtype; ``condensed[r, p*G + g, v]`` multiplies
+    condensed: (R, V, 4G) in the compute dtype; ``condensed[r, v, p*G + g]`` multiplies
       input feature ``columns[r, p*G + g]``.
     columns: (R, 4G) int32.
   """
@@ -137,9 +137,7 @@ class PreparedVNMWeight:
 def layout_values(layout: XLALayout | PallasLayouts, meta: jax.Array, v: int) -> jax.Array:
   """The stored values (R, 2, G, V) a layout holds, read back exactly (pure jnp)."""
   if isinstance(layout, XLALayout):
-    row_blocks, _, _ = layout.condensed.shape
-    condensed = layout.condensed.reshape(row_blocks, KEPT_COLUMNS, -1, v)
-    return jnp.take_along_axis(condensed, positions(meta, v), axis=1)
+    return xla.condensed_values(layout.condensed, meta)
   values = pallas_decode.stored_arrays(layout.decode)[0]
   return values[:, :, :meta.shape[1], :v]
 

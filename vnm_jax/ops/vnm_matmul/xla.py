@@ -5,22 +5,28 @@ zero-padded to G*M features and returns ``y_blocks`` (T, R*V), the outputs in ro
 order. Executed multiply-adds are 4/M of dense: each row block gathers its 4*G kept
 input features of x and runs one dense dot against its condensed weight.
 
-Three formulations of the forward on the *prepared* condensed weight (R, 4G, V),
-chosen by token count from measurements (:mod:`vnm_jax.ops.vnm_matmul.dispatch`):
+Two formulations of the forward on the *prepared* condensed weight (R, V, 4G) (each
+row block's V output rows, contiguous over its 4G kept input features), chosen by token
+count from measurements (:mod:`vnm_jax.ops.vnm_matmul.dispatch`):
 
 - :func:`matmul_batched`: one gather of x (R, 4G, T) and one batched dot. At one or
   two tokens this reads the condensed weight once and nothing else of size.
-- :func:`matmul_chunks`: a ``lax.map`` over chunks of row blocks, x gathered along
-  its feature axis (no transpose): a few to tens of tokens.
 - :func:`matmul_blocks`: a ``lax.map`` over row blocks, x transposed once and gathered
-  by rows (a gathered feature is a contiguous row of tokens): prefill sizes, where the
-  batched form's (R, 4G, T) intermediate would not stay in cache.
+  by rows (a gathered feature is a contiguous row of tokens), one (V, 4G) @ (4G, T) dot
+  per block: a few tokens and up, where the batched form's (R, 4G, T) intermediate
+  would not stay in cache.
+
+The (R, V, 4G) orientation is measured, not taken for granted: on 2 cores (4096x4096,
+float32) its per-block dot ran 1.2-1.3x faster at 64-256 tokens than the (R, 4G, V)
+one's, whose first-axis contraction XLA:CPU pays for with a transposed operand; an
+earlier formulation that gathered x along its features (no transpose of x) won only at
+4-16 tokens, and one layout has to serve every token count.
 
 What the CPU measurements (bench/RESULTS.md, "Kernel (issue 9)") ruled out: reading
 only the stored values by selecting x per value from its 2-bit position, or gathering
 x per value, fused into the reduction. XLA:CPU emits a fused reduction as a scalar
-loop (no reassociation of float adds without fast-math), so those ran 0.5-0.8x of
-dense even at 1 token, where the dot on the condensed weight ran 1.3-2.2x.
+loop (no reassociation of float adds without fast-math), so those ran 0.1-0.6x of
+dense even at 1 token, where the dot on the condensed weight ran 1.2-2x.
 
 :func:`matmul_blocks_vjp` is the backward of every implementation; it reads the stored
 arrays (values, meta, columns) and condenses one chunk of row blocks at a time.
@@ -39,21 +45,34 @@ VJP_BLOCKS_PER_STEP = 2
 
 
 def condensed_weight(values: jax.Array, meta: jax.Array, dtype=None) -> jax.Array:
-  """The prepared condensed weight (R, 4G, V) in ``dtype`` (default: values')."""
+  """The prepared condensed weight (R, V, 4G) in ``dtype`` (default: values').
+
+  ``condensed[r, v, p*G + g]`` multiplies input feature ``columns[r, p, g]``.
+  """
   row_blocks, _, groups, v = values.shape
   dtype = values.dtype if dtype is None else dtype
-  return condense(values.astype(dtype), meta).reshape(row_blocks, KEPT_COLUMNS * groups, v)
+  condensed = condense(values.astype(dtype), meta).reshape(row_blocks, KEPT_COLUMNS * groups, v)
+  return jnp.swapaxes(condensed, 1, 2)
+
+
+def condensed_values(condensed: jax.Array, meta: jax.Array) -> jax.Array:
+  """The stored values (R, 2, G, V) of a condensed weight, read back exactly."""
+  row_blocks, v, _ = condensed.shape
+  condensed = jnp.swapaxes(condensed, 1, 2).reshape(row_blocks, KEPT_COLUMNS, -1, v)
+  return jnp.take_along_axis(condensed, positions(meta, v), axis=1)
 
 
 def flat_columns(columns: jax.Array) -> jax.Array:
-  """columns (R, 4, G) -> (R, 4G) int32, the gather index of each condensed-weight row."""
+  """columns (R, 4, G) -> (R, 4G) int32, the gather index of each condensed-weight column."""
   return columns.reshape(columns.shape[0], -1).astype(jnp.int32)
 
 
-def _dot_first(a: jax.Array, b: jax.Array, dtype) -> jax.Array:
-  """a (K, A), b (K, B) -> a.T @ b (A, B), accumulated in float32 and cast to dtype."""
-  return lax.dot_general(a, b, (((0,), (0,)), ((), ())),
-                         preferred_element_type=jnp.float32).astype(dtype)
+def _cpu_dot_dtype(dtype):
+  # XLA:CPU has no batched bf16 x bf16 -> f32 dot (DotThunk); there the operands are
+  # upcast (per block, in cache) instead, with the same float32 accumulation.
+  if jax.default_backend() == "cpu":
+    return jnp.promote_types(dtype, jnp.float32)
+  return dtype
 
 
 def matmul_batched(x_pad: jax.Array, condensed: jax.Array, columns: jax.Array) -> jax.Array:
@@ -61,17 +80,18 @@ def matmul_batched(x_pad: jax.Array, condensed: jax.Array, columns: jax.Array) -
 
   Args:
     x_pad: (T, G*M).
-    condensed: (R, 4G, V), x's dtype.
+    condensed: (R, V, 4G), x's dtype.
     columns: (R, 4G) int32, :func:`flat_columns`.
 
   Returns:
     (T, R*V) in x_pad's dtype (float32 accumulation).
   """
-  row_blocks, _, v = condensed.shape
+  row_blocks, v, _ = condensed.shape
+  dtype = _cpu_dot_dtype(x_pad.dtype)
   gathered = x_pad.T.at[columns].get(mode="promise_in_bounds")  # (R, 4G, T)
-  y = lax.dot_general(condensed, gathered, (((1,), (1,)), ((0,), (0,))),
-                      preferred_element_type=jnp.float32)  # (R, V, T)
-  return y.astype(x_pad.dtype).reshape(row_blocks * v, -1).T
+  y = lax.dot_general(condensed.astype(dtype), gathered.astype(dtype),
+                      (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
+  return y.astype(x_pad.dtype).reshape(row_blocks * v, -1).T  # (R, V, T) -> (T, R*V)
 
 
 def matmul_blocks(x_pad: jax.Array, condensed: jax.Array, columns: jax.Array, *,
@@ -81,40 +101,19 @@ def matmul_blocks(x_pad: jax.Array, condensed: jax.Array, columns: jax.Array, *,
   Args and result as for :func:`matmul_batched`. x is transposed once so that each
   gathered input feature is one contiguous row of tokens.
   """
-  row_blocks, _, v = condensed.shape
+  row_blocks, v, _ = condensed.shape
+  dtype = _cpu_dot_dtype(x_pad.dtype)
   xt = x_pad.T  # (Kp, T)
 
   def one_block(block):
     block_weight, block_columns = block
     gathered = xt.at[block_columns].get(mode="promise_in_bounds")  # (4G, T)
-    return _dot_first(block_weight, gathered, x_pad.dtype)  # (V, T)
+    y = jnp.dot(block_weight.astype(dtype), gathered.astype(dtype),
+                preferred_element_type=jnp.float32)
+    return y.astype(x_pad.dtype)  # (V, T)
 
   y = lax.map(one_block, (condensed, columns), batch_size=min(blocks_per_step, row_blocks))
   return y.reshape(row_blocks * v, -1).T
-
-
-def matmul_chunks(x_pad: jax.Array, condensed: jax.Array, columns: jax.Array, *,
-                  blocks_per_step: int) -> jax.Array:
-  """``y_blocks = x_pad @ W``: a ``lax.map`` over chunks of row blocks, x gathered untransposed.
-
-  Per step, ``blocks_per_step`` row blocks gather their kept features of x along its
-  feature axis ((T, B, 4G), no transpose of x) and run one batched dot. Args and result
-  as for :func:`matmul_batched`.
-  """
-  row_blocks, _, v = condensed.shape
-  # XLA:CPU has no batched bf16 x bf16 -> f32 dot (DotThunk); the step's operands are
-  # upcast in cache instead (same float32 accumulation).
-  compute_dtype = jnp.promote_types(x_pad.dtype, jnp.float32)
-
-  def one_block(block):
-    block_weight, block_columns = block
-    gathered = x_pad.at[:, block_columns].get(mode="promise_in_bounds")  # (T, 4G)
-    y = lax.dot_general(gathered.astype(compute_dtype), block_weight.astype(compute_dtype),
-                        (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    return y.astype(x_pad.dtype)  # (T, V)
-
-  y = lax.map(one_block, (condensed, columns), batch_size=min(blocks_per_step, row_blocks))
-  return jnp.swapaxes(y, 0, 1).reshape(x_pad.shape[0], row_blocks * v)
 
 
 def _chunks(tree, size: int):
