@@ -63,8 +63,11 @@ def test_every_implementation_matches_dense_math(implementation, x_shape, kernel
 
 
 @pytest.mark.parametrize("implementation", ["xla", "pallas"])
-def test_token_counts_across_the_dispatch_tables(implementation):
+def test_token_counts_across_the_dispatch_tables(implementation, monkeypatch):
   # Every formulation: XLA "batched" and "blocks" (8 and 2 a step); Pallas decode, prefill.
+  # (This weight is small enough for "batched" at any of these sizes: the size rule is off.)
+  monkeypatch.setattr(dispatch, "XLA_BATCHED_MAX_ELEMENTS", 0)
+  jax.clear_caches()
   w = random_weight(75, 96, "32:2:6", permuted=True, seed=3)
   prepared = prepare(w, implementation=implementation)
   jitted = jax.jit(vnm_matmul)
@@ -216,6 +219,11 @@ def test_prepared_weight_in_other_dtype_or_implementation():
 def test_dispatch_tables():
   assert dispatch.choose_xla(1).formulation == "batched"
   assert dispatch.choose_xla(10**6).formulation == "blocks"
+  # A small weight's gathered x stays small: batched up to tens of tokens.
+  small_rows = 24 * 4 * 72  # 576 x 1536 at 64:2:8: 24 row blocks, 72 groups
+  assert dispatch.choose_xla(64, small_rows).formulation == "batched"
+  assert dispatch.choose_xla(128, small_rows) == dispatch.choose_xla(128)
+  assert dispatch.choose_xla(64, 64 * 4 * 820).formulation == "blocks"  # 4096^2 at 64:2:5
   limits = [max_tokens for max_tokens, _ in dispatch.XLA_CPU_TABLE]
   assert limits[-1] is None and limits[:-1] == sorted(limits[:-1])
   config = w_config = random_weight(8, 8, "8:2:8").config

@@ -124,7 +124,8 @@ def kernel_limits(prepared: PreparedVNMWeight, tokens: int) -> dict:
   """
   layout = prepared.layout
   if prepared.implementation == "xla":
-    kernel, arrays = dispatch.choose_xla(tokens).formulation, layout
+    rows = layout.columns.shape[0] * layout.columns.shape[1]  # R * 4G
+    kernel, arrays = dispatch.choose_xla(tokens, rows).formulation, layout
   else:
     kernel = dispatch.choose_pallas(tokens, prepared.config)
     if kernel == "prefill" and layout.prefill is None:

@@ -33,6 +33,7 @@ from jax.custom_derivatives import SymbolicZero
 from vnm_jax.format import VNMWeight
 from vnm_jax.masks import check_kernel_shape
 from vnm_jax.ops.vnm_matmul import dispatch, pallas_decode, pallas_prefill, xla
+from vnm_jax.ops.vnm_matmul.layout import KEPT_COLUMNS
 from vnm_jax.ops.vnm_matmul.prepared import (PallasLayouts, PreparedVNMWeight, build_layout,
                                              check_implementation, resolve_implementation)
 
@@ -54,9 +55,11 @@ class _Plan:
   interpret: bool = False
 
 
-def _plan(implementation: str, tokens: int, config) -> _Plan:
+def _plan(implementation: str, tokens: int, config, shape) -> _Plan:
   if implementation == "xla":
-    choice = dispatch.choose_xla(tokens)
+    k, n = shape
+    condensed_rows = -(-n // config.v) * KEPT_COLUMNS * -(-k // config.m)
+    choice = dispatch.choose_xla(tokens, condensed_rows)
     return _Plan("xla", choice.formulation, config.m, choice.blocks_per_step)
   kernel = dispatch.choose_pallas(tokens, config)
   return _Plan("pallas", kernel, config.m, interpret=jax.default_backend() != "gpu")
@@ -154,7 +157,7 @@ def _vnm_matmul(x: jax.Array, w, implementation: str) -> jax.Array:
   tokens = x2.shape[0]
   if tokens == 0:
     return jnp.zeros((*leading, n), x.dtype)
-  plan = _plan(implementation, tokens, w.config)
+  plan = _plan(implementation, tokens, w.config, w.shape)
   if isinstance(w, PreparedVNMWeight):
     if w.dtype != x.dtype:  # A pass over the layout every call: prepare in x's dtype.
       w = dataclasses.replace(w, layout=_cast_layout(w.layout, x.dtype))

@@ -37,6 +37,12 @@ XLA_CPU_TABLE: tuple[tuple[int | None, XLAChoice], ...] = (
     (None, XLAChoice("blocks", blocks_per_step=2)),
 )
 
+# The batched formulation also wins while its gathered x, (R, 4G, T) elements, stays
+# this small (about 2 MiB of float32: within the caches): small weights (SmolLM2's
+# 576-wide projections) take it up to tens of tokens, where a lax.map's per-step cost
+# is not repaid.
+XLA_BATCHED_MAX_ELEMENTS = 1 << 19
+
 # Largest token count that runs the Pallas decode kernel (more run the prefill kernel),
 # by config; "default" for configs without an entry. UNMEASURED: no GPU has timed the
 # two kernels against each other yet (A2's suggestion: decode up to 64 tokens).
@@ -44,8 +50,15 @@ PALLAS_DECODE_MAX_TOKENS: dict[str, int] = {"default": 64}
 PALLAS_TABLE_MEASURED = False
 
 
-def choose_xla(tokens: int) -> XLAChoice:
-  """The XLA formulation for ``tokens`` rows of x, from :data:`XLA_CPU_TABLE`."""
+def choose_xla(tokens: int, condensed_rows: int | None = None) -> XLAChoice:
+  """The XLA formulation for ``tokens`` rows of x.
+
+  ``condensed_rows`` is R * 4G of the weight (its gathered x has that many rows per
+  token); if given, the batched formulation takes every call whose gathered x has at
+  most :data:`XLA_BATCHED_MAX_ELEMENTS` elements. :data:`XLA_CPU_TABLE` decides the rest.
+  """
+  if condensed_rows is not None and tokens * condensed_rows <= XLA_BATCHED_MAX_ELEMENTS:
+    return XLAChoice("batched")
   for max_tokens, choice in XLA_CPU_TABLE:
     if max_tokens is None or tokens <= max_tokens:
       return choice
