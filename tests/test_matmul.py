@@ -221,7 +221,7 @@ def test_dispatch_tables():
   assert dispatch.choose_xla(10**6).formulation == "blocks"
   # A small weight's gathered x stays small: batched up to tens of tokens.
   small_rows = 24 * 4 * 72  # 576 x 1536 at 64:2:8: 24 row blocks, 72 groups
-  assert dispatch.choose_xla(64, small_rows).formulation == "batched"
+  assert dispatch.choose_xla(32, small_rows).formulation == "batched"
   assert dispatch.choose_xla(128, small_rows) == dispatch.choose_xla(128)
   assert dispatch.choose_xla(64, 64 * 4 * 820).formulation == "blocks"  # 4096^2 at 64:2:5
   limits = [max_tokens for max_tokens, _ in dispatch.XLA_CPU_TABLE]

@@ -38,10 +38,10 @@ XLA_CPU_TABLE: tuple[tuple[int | None, XLAChoice], ...] = (
 )
 
 # The batched formulation also wins while its gathered x, (R, 4G, T) elements, stays
-# this small (about 2 MiB of float32: within the caches): small weights (SmolLM2's
-# 576-wide projections) take it up to tens of tokens, where a lax.map's per-step cost
-# is not repaid.
-XLA_BATCHED_MAX_ELEMENTS = 1 << 19
+# this small (1 MiB of float32, within the caches): small weights (SmolLM2's 576-wide
+# projections) take it up to ~37 tokens, where a lax.map's per-step cost is not repaid;
+# a 4096x4096 weight at 4 tokens (2 MiB) ran 0.75x of dense batched, 0.87x in blocks.
+XLA_BATCHED_MAX_ELEMENTS = 1 << 18
 
 # Largest token count that runs the Pallas decode kernel (more run the prefill kernel),
 # by config; "default" for configs without an entry. UNMEASURED: no GPU has timed the
