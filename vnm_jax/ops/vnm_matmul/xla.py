@@ -18,7 +18,7 @@ count from measurements (:mod:`vnm_jax.ops.vnm_matmul.dispatch`):
 
 The (R, V, 4G) orientation is measured, not taken for granted: on 2 cores (4096x4096,
 float32) its per-block dot ran 1.2-1.3x faster at 64-256 tokens than the (R, 4G, V)
-one's, whose first-axis contraction XLA:CPU pays for with a transposed operand; an
+one's first-axis contraction; an
 earlier formulation that gathered x along its features (no transpose of x) won only at
 4-16 tokens, and one layout has to serve every token count.
 
@@ -69,7 +69,8 @@ def flat_columns(columns: jax.Array) -> jax.Array:
 
 def _cpu_dot_dtype(dtype):
   # XLA:CPU has no batched bf16 x bf16 -> f32 dot (DotThunk); there the operands are
-  # upcast (per block, in cache) instead, with the same float32 accumulation.
+  # upcast instead (per block in the blocks form; a pass over the weight in the batched
+  # one: prepare in float32 for CPU inference), with the same float32 accumulation.
   if jax.default_backend() == "cpu":
     return jnp.promote_types(dtype, jnp.float32)
   return dtype
