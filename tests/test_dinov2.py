@@ -46,7 +46,7 @@ def test_resize_position_table_keeps_the_class_row():
   np.testing.assert_array_equal(resized[0, 0], table[0, 0])
   w = dinov2.bicubic_matrix(3, 2)
   expected = np.einsum("yi,xj,ijd->yxd", w, w, table[0, 1:].reshape(3, 3, 4)).reshape(4, 4)
-  np.testing.assert_allclose(resized[0, 1:], expected, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(resized[0, 1:], expected, rtol=0, atol=1e-5 * np.abs(expected).max())
   with pytest.raises(ValueError, match="square grid"):
     dinov2.resize_position_table(table[:, :8], 2)
 

@@ -85,5 +85,6 @@ def test_decode_last_only_is_the_last_row_of_the_full_logits():
   full, full_cache = model.decode(tokens, model.init_cache(2, 8))
   last, last_cache = model.decode(tokens, model.init_cache(2, 8), last_only=True)
   assert last.shape == (2, 1, 64)
-  np.testing.assert_allclose(last[:, 0], full[:, -1], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(last[:, 0], full[:, -1], rtol=0,
+                             atol=1e-5 * float(jnp.abs(full).max()))  # float32, scaled
   np.testing.assert_array_equal(last_cache.layers[0].keys, full_cache.layers[0].keys)

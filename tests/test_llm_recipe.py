@@ -214,7 +214,8 @@ def test_lora_data_parallel_over_8_devices_matches_one_device(setup, lora_run):
     np.testing.assert_array_equal(np.asarray(sharded.masks[path]), np.asarray(mask))
   for a, b in zip(jax.tree_util.tree_leaves(sharded.params),
                   jax.tree_util.tree_leaves(single.params)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                               atol=1e-5 * float(np.abs(np.asarray(b)).max()))
 
 
 def test_bfloat16_base_keeps_float32_logits_loss_and_adapters(setup):
