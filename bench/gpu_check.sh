@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared check for a lent GPU (an H200 with jax 0.11.2; installs nothing, needs no
-# network), about 8 minutes in all, each step under its own timeout:
+# network), about 8 minutes in all and at most 590 s (the step timeouts add up to that):
 #   env      GPU, driver, jax versions
 #   tests    the Pallas decode and prefill kernel tests compiled for the GPU (not interpret),
 #            and the op's tests on the GPU (vnm_matmul dispatch, gradients)
@@ -57,8 +57,8 @@ jaxlib.__version__, jax.devices())" ;;
       # Llama-7B-shaped stack, bf16, 8 layers: prefill 2048 tokens, decode at batch 1
       # and 16; its budget stops adding configs and rounds in time, and it writes its
       # results after every round, so a timeout keeps what was measured.
-      timeout ${GENERATION_TIMEOUT:-130} "$PY" bench/generation.py --device gpu \
-        --budget-seconds ${GENERATION_SECONDS:-110} --out-dir "$OUT" ${GENERATION_ARGS:-} ;;
+      timeout ${GENERATION_TIMEOUT:-120} "$PY" bench/generation.py --device gpu \
+        --budget-seconds ${GENERATION_SECONDS:-100} --out-dir "$OUT" ${GENERATION_ARGS:-} ;;
     *) echo "unknown step $s" ;;
   esac
 done
