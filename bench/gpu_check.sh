@@ -33,7 +33,7 @@ for s in $STEPS; do
       step "env"
       nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm \
         --format=csv
-      timeout 60 "$PY" -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', \
+      timeout 30 "$PY" -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', \
 jaxlib.__version__, jax.devices())" ;;
     tests)
       step "kernel tests compiled for the GPU (TestDecode, TestPrefill; not interpret)"
@@ -45,8 +45,8 @@ jaxlib.__version__, jax.devices())" ;;
         ${OP_TESTS:-tests/test_matmul.py} ;;
     kernels)
       step "decode and prefill kernels vs cuBLAS, bf16 (bench/gpu_kernels.py)"
-      timeout ${KERNELS_TIMEOUT:-210} "$PY" bench/gpu_kernels.py --out-dir "$OUT" \
-        --max-seconds ${KERNELS_SECONDS:-170} ${KERNELS_ARGS:-} ;;
+      timeout ${KERNELS_TIMEOUT:-190} "$PY" bench/gpu_kernels.py --out-dir "$OUT" \
+        --max-seconds ${KERNELS_SECONDS:-150} ${KERNELS_ARGS:-} ;;
     op)
       step "vnm_matmul vs dense, Llama-7B shapes, bf16 (bench/kernel.py)"
       timeout ${OP_TIMEOUT:-90} "$PY" bench/kernel.py --dtype bfloat16 \
