@@ -37,11 +37,11 @@ for s in $STEPS; do
 jaxlib.__version__, jax.devices())" ;;
     tests)
       step "kernel tests compiled for the GPU (TestDecode, TestPrefill; not interpret)"
-      timeout ${TESTS_TIMEOUT:-100} "$PY" -m pytest -q -p no:cacheprovider -x \
+      timeout ${TESTS_TIMEOUT:-100} "$PY" -m pytest -q -p no:cacheprovider -o addopts=-ra -x \
         tests/test_pallas_decode.py tests/test_pallas_prefill.py \
         -k "not Interpret and not CudaLowering"
       step "op tests on the GPU (vnm_matmul dispatch and gradients)"
-      timeout ${OP_TESTS_TIMEOUT:-60} "$PY" -m pytest -q -p no:cacheprovider \
+      timeout ${OP_TESTS_TIMEOUT:-60} "$PY" -m pytest -q -p no:cacheprovider -o addopts=-ra \
         ${OP_TESTS:-tests/test_matmul.py} ;;
     kernels)
       step "decode and prefill kernels vs cuBLAS, bf16 (bench/gpu_kernels.py)"
