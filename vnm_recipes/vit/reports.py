@@ -312,9 +312,10 @@ def plot_accuracy_vs_speedup(result: PipelineResult, path: str | os.PathLike) ->
   axes.set_ylabel("test accuracy (%)")
   seeds = (f"mean ± std over {len(result.seeds)} seeds" if len(result.seeds) > 1
            else f"seed {result.seeds[0].seed}")
-  axes.set_title(f"ViT on {result.dataset}, V:N:M pruning (preset {result.preset!r}; {seeds})")
+  axes.set_title(f"ViT on {result.dataset}, V:N:M pruning\n(preset {result.preset!r}; {seeds})",
+                 fontsize=10)
   axes.grid(alpha=0.3)
   axes.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
   figure.tight_layout()
-  figure.savefig(path, dpi=120)
+  figure.savefig(path, dpi=120, bbox_inches="tight")  # the legend sits outside the axes
   plt.close(figure)
