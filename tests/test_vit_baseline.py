@@ -70,9 +70,11 @@ def test_same_budget_dense_is_the_fine_tuning_without_its_mask(small_split, same
       # The key bias's gradient is exactly zero (softmax ignores a constant added to a
       # query's logits): Adam turns its rounding noise into lr-sized steps. Skip it.
       a, b, start = (np.delete(x, np.s_[TINY.dim:2 * TINY.dim]) for x in (a, b, start))
-    # 8 Adam steps at lr 1e-3 move every entry by ~3e-3; the two runs agree to ~1e-7.
+    # 8 Adam steps at lr 1e-3 move every entry by ~3e-3; the two runs agree to ~1e-7 here
+    # (the bound, scaled to the leaf, leaves room for another CPU's summation order).
     assert np.abs(a - start).max() > 1e-3, path
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=vnm_jax.path_str(path))
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4 * np.abs(b).max(),
+                               err_msg=vnm_jax.path_str(path))
 
 
 def test_same_budget_is_deterministic_per_seed(small_split, same_budget):
