@@ -5,25 +5,7 @@ import pytest
 
 import vnm_reference as ref
 from vnm_jax import Permutation, VNMConfig, VNMWeight, compress, decompress, vnm_mask
-
-
-def numpy_decompress(w: VNMWeight) -> np.ndarray:
-  """Reads the stored layout element by element, as the format docstring defines it."""
-  values, meta, columns = (np.asarray(w.values), np.asarray(w.meta), np.asarray(w.columns))
-  r_blocks, _, groups, v = values.shape
-  half = -(-v // 2)
-  dense = np.zeros((groups * w.config.m, r_blocks * v), values.dtype)
-  for r in range(r_blocks):
-    for g in range(groups):
-      for row in range(v):
-        byte = int(meta[r, g, row % half])
-        nibble = byte & 0xF if row < half else byte >> 4
-        for s, position in enumerate((nibble & 3, nibble >> 2)):
-          dense[columns[r, position, g], r * v + row] = values[r, s, g, row]
-  dense = dense[:w.shape[0], :w.shape[1]]
-  if w.output_index is not None:
-    dense = dense[:, np.asarray(w.output_index)]
-  return dense
+from vnm_problems import numpy_decompress
 
 
 @pytest.mark.parametrize("shape, config", [((196, 192), "64:2:5"), ((100, 130), "32:2:7"),

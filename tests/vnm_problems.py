@@ -40,30 +40,35 @@ def random_weight(k: int, n: int, config: str, dtype=jnp.float32, *, permuted: b
                    jnp.asarray(columns, jnp.int32), output_index, (k, n), config)
 
 
+def numpy_decompress(w: VNMWeight) -> np.ndarray:
+  """Reads the stored layout element by element, as the format docstring defines it."""
+  values, meta, columns = (np.asarray(w.values), np.asarray(w.meta), np.asarray(w.columns))
+  r_blocks, _, groups, v = values.shape
+  half = -(-v // 2)
+  dense = np.zeros((groups * w.config.m, r_blocks * v), values.dtype)
+  for r in range(r_blocks):
+    for g in range(groups):
+      for row in range(v):
+        byte = int(meta[r, g, row % half])
+        nibble = byte & 0xF if row < half else byte >> 4
+        for s, position in enumerate((nibble & 3, nibble >> 2)):
+          dense[columns[r, position, g], r * v + row] = values[r, s, g, row]
+  dense = dense[:w.shape[0], :w.shape[1]]
+  if w.output_index is not None:
+    dense = dense[:, np.asarray(w.output_index)]
+  return dense
+
+
 def numpy_matmul(x, w: VNMWeight, *, absolute: bool = False) -> np.ndarray:
-  """x @ W read off the layout's definition, one stored value at a time (float64).
+  """x @ W with W read off the layout's definition (:func:`numpy_decompress`), float64.
 
   With ``absolute``, |x| @ |W|: the magnitude a float accumulation's error scales with.
   """
   x = np.asarray(x, np.float64).reshape(-1, w.shape[0])
-  values = np.asarray(w.values, np.float64)
+  dense = numpy_decompress(w).astype(np.float64)
   if absolute:
-    x, values = np.abs(x), np.abs(values)
-  meta, columns = np.asarray(w.meta), np.asarray(w.columns)
-  row_blocks, _, groups, v = values.shape
-  half = meta.shape[-1]
-  x_pad = np.zeros((x.shape[0], groups * w.config.m))
-  x_pad[:, :x.shape[1]] = x
-  y = np.zeros((x.shape[0], row_blocks * v))
-  for r in range(row_blocks):
-    for g in range(groups):
-      for row in range(v):
-        byte = int(meta[r, g, row % half])
-        nibble = byte & 15 if row < half else byte >> 4
-        for s, position in enumerate((nibble & 3, nibble >> 2)):
-          y[:, r * v + row] += values[r, s, g, row] * x_pad[:, columns[r, position, g]]
-  index = (np.arange(w.shape[1]) if w.output_index is None else np.asarray(w.output_index))
-  return y[:, index]
+    x, dense = np.abs(x), np.abs(dense)
+  return x @ dense
 
 
 def assert_close(got, expected, magnitude, dtype, factor: float = 1.0):
